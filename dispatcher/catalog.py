@@ -1,0 +1,104 @@
+"""The entity catalog: which (entity_name, event_type) pairs exist, and how imports go out.
+
+The catalog is data (``catalog.json`` in this package). Operators extend or replace it with
+``DISPATCHER_CATALOG_FILE``, a JSON object of the same shape::
+
+    {"sales": {"events": ["CREATED", "CLOSED"]},
+     "items": {"events": ["CREATED"], "imports": "batch"},
+     "stock_movements": {"events": ["CREATED"], "imports": "skip"}}
+
+``imports`` says what happens to events of an import: ``single`` (default, one
+notification each), ``batch`` (grouped, up to the batch size) or ``skip`` (not sent).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+ImportPolicy = Literal["single", "batch", "skip"]
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_EVENT = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+
+
+class CatalogError(ValueError):
+    """The catalog file is not of the documented shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    """One entity of the catalog."""
+
+    name: str
+    events: frozenset[str]
+    imports: ImportPolicy = "single"
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """The entities that can be subscribed to, by name."""
+
+    entities: Mapping[str, Entity]
+
+    def allows(self, entity_name: str, event_type: str) -> bool:
+        """Whether the pair exists; ``event_type`` must already be upper case."""
+        entity = self.entities.get(entity_name)
+        return entity is not None and event_type in entity.events
+
+    def import_policy(self, entity_name: str) -> ImportPolicy:
+        entity = self.entities.get(entity_name)
+        return entity.imports if entity else "single"
+
+    def describe(self) -> dict[str, list[str]]:
+        """{entity: sorted events}, for error messages and the API."""
+        return {name: sorted(e.events) for name, e in sorted(self.entities.items())}
+
+
+def parse(data: object, *, source: str = "catalog") -> Catalog:
+    """Validate decoded JSON and build the catalog."""
+    if not isinstance(data, dict) or not data:
+        raise CatalogError(f"{source}: expected a non-empty JSON object of entities")
+    entities = {}
+    for name, spec in data.items():
+        where = f"{source}: entity {name!r}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise CatalogError(f"{where}: names are lower case letters, digits and _")
+        if not isinstance(spec, dict):
+            raise CatalogError(f"{where}: expected an object with 'events'")
+        events = spec.get("events")
+        if not isinstance(events, list) or not events:
+            raise CatalogError(f"{where}: 'events' must be a non-empty list")
+        upper = set()
+        for event in events:
+            if not isinstance(event, str) or not _EVENT.match(event.upper()):
+                raise CatalogError(f"{where}: bad event type {event!r}")
+            upper.add(event.upper())
+        imports = spec.get("imports", "single")
+        if imports not in ("single", "batch", "skip"):
+            raise CatalogError(f"{where}: 'imports' must be single, batch or skip")
+        entities[name] = Entity(name, frozenset(upper), imports)
+    return Catalog(entities)
+
+
+def load(path: str = "") -> Catalog:
+    """The catalog of ``path``, or the built-in one when ``path`` is empty."""
+    if path:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise CatalogError(f"cannot read catalog file {path}: {exc.strerror}") from None
+        source = path
+    else:
+        raw = resources.files("dispatcher").joinpath("catalog.json").read_bytes()
+        source = "built-in catalog"
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CatalogError(f"{source}: not valid JSON: {exc}") from None
+    return parse(data, source=source)

@@ -1,0 +1,294 @@
+"""The daemon: wires the store, the cache, the consumers and the HTTP server, and runs them.
+
+Start-up: migrate, load the subscription cache (LISTEN first), create missing internal
+topics, start the HTTP server, then the consumers once the cache is warm. A TaskGroup
+supervises the long-lived loops: one that meets the unexpected fails the process loudly
+so that systemd or Kubernetes restarts it. SIGTERM or SIGINT only sets an event: the
+consumers stop fetching, finish (or leave uncommitted) what is in flight within the drain
+timeout, commit, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import asyncpg
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from dispatcher import __version__, catalog, db
+from dispatcher.cache import CacheSync, SubscriptionCache
+from dispatcher.delivery import HttpClient
+from dispatcher.dispatch import EventWorker
+from dispatcher.imports import ImportBatcher
+from dispatcher.notices import NoticeWorker
+from dispatcher.retry import RetryScheduler, RetryWorker
+from dispatcher.sender import Clock, Sender
+from dispatcher.settings import Settings
+from dispatcher.store import Store
+from dispatcher.worker import KafkaWorker
+
+log = structlog.get_logger(__name__)
+
+Role = Literal["all", "api", "dispatch", "retry"]
+
+
+@dataclass
+class Daemon:
+    """One process of the dispatcher; :meth:`run` until :attr:`stop` is set."""
+
+    settings: Settings
+    role: Role = "all"
+    clock: Clock = time.time
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    cache: SubscriptionCache = field(default_factory=SubscriptionCache)
+    workers: list[KafkaWorker] = field(default_factory=list)
+    http_port: int | None = None  # the bound port, once started
+    _pool: asyncpg.Pool | None = None
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # loops with no end
+    _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def consumes(self) -> bool:
+        return self.role in ("all", "dispatch", "retry")
+
+    async def run(self) -> None:
+        s = self.settings
+        log.info("daemon_starting", version=__version__, role=self.role, settings=s.redacted())
+        try:
+            await self._run()
+        except BaseException as exc:
+            if not isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                log.exception("daemon_failed")
+            raise
+
+    async def _run(self) -> None:
+        s = self.settings
+        the_catalog = catalog.load(s.catalog_file)
+        await db.migrate_url(s.database_url)
+        async with AsyncExitStack() as stack:
+            self._pool = await db.create_pool(s.database_url)
+            stack.push_async_callback(self._pool.close)
+            store = Store(self._pool)
+            http = await stack.enter_async_context(HttpClient.from_settings(s))
+            app = self._app(store, the_catalog, http)
+            await stack.enter_async_context(_serve(app, s.http_host, s.http_port, self))
+            async with asyncio.TaskGroup() as group:
+                if self.consumes:
+                    sync = CacheSync(
+                        self.cache, store, s.database_url, resync_seconds=s.cache_resync_seconds
+                    )
+                    self._background(group, sync.run(), "cache-sync")
+                    await self._wait_or_stop(self.cache.warm.wait())
+                    if not self.stop.is_set():
+                        await self._start_consumers(group, stack, the_catalog, http)
+                self.started.set()
+                log.info("daemon_started", role=self.role, http_port=self.http_port)
+                group.create_task(self._shutdown_when_stopped())
+        log.info("daemon_stopped")
+
+    # --- wiring -------------------------------------------------------------------------
+
+    def _app(self, store: Store, the_catalog: catalog.Catalog, http: HttpClient) -> web.Application:
+        if self.role in ("all", "api"):
+            from dispatcher.api import create_app
+
+            app = create_app(store=store, catalog=the_catalog, http=http, settings=self.settings)
+        else:
+            app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def _start_consumers(
+        self,
+        group: asyncio.TaskGroup,
+        stack: AsyncExitStack,
+        the_catalog: catalog.Catalog,
+        http: HttpClient,
+    ) -> None:
+        s = self.settings
+        await ensure_internal_topics(s)
+        producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            client_id="webhook-dispatcher",
+        )
+        await producer.start()
+        stack.push_async_callback(producer.stop)
+        scheduler = RetryScheduler(producer, s, self.clock)
+        sender = Sender(
+            http,
+            scheduler,
+            max_in_flight=s.max_in_flight,
+            max_in_flight_per_endpoint=s.max_in_flight_per_endpoint,
+            clock=self.clock,
+        )
+        if self.role in ("all", "dispatch"):
+            batcher = ImportBatcher(
+                sender,
+                batch_size=s.import_batch_size,
+                linger=s.import_linger_seconds,
+                max_open=s.import_max_open_batches,
+            )
+            stack.push_async_callback(batcher.close)
+            self._background(group, batcher.run(), "import-linger")
+            consumer = _consumer(s, s.consumer_group)
+            worker: KafkaWorker = EventWorker(
+                consumer, producer, sender, self.cache, the_catalog, batcher, s
+            )
+            consumer.subscribe(list(s.event_topics), listener=worker.listener())
+            await self._start_worker(group, worker)
+        if self.role in ("all", "retry"):
+            consumer = _consumer(s, f"{s.consumer_group}-retries")
+            worker = RetryWorker(consumer, sender, self.cache, s, self.clock)
+            consumer.subscribe([s.retry_topic], listener=worker.listener())
+            await self._start_worker(group, worker)
+            consumer = _consumer(s, f"{s.consumer_group}-notices", max_poll_interval_ms=86_400_000)
+            worker = NoticeWorker(consumer, s)
+            consumer.subscribe([s.notice_topic], listener=worker.listener())
+            await self._start_worker(group, worker)
+
+    async def _start_worker(self, group: asyncio.TaskGroup, worker: KafkaWorker) -> None:
+        await worker.consumer.start()
+        self.workers.append(worker)
+        self._worker_tasks.append(group.create_task(worker.run(self.stop), name=worker.name))
+
+    def _background(self, group: asyncio.TaskGroup, coro: Any, name: str) -> None:
+        self._tasks.append(group.create_task(coro, name=name))
+
+    async def _wait_or_stop(self, awaitable: Any) -> None:
+        waiter = asyncio.ensure_future(awaitable)
+        stopping = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopping.cancel()
+
+    async def _shutdown_when_stopped(self) -> None:
+        await self.stop.wait()
+        log.info("daemon_stopping", drain_timeout_s=self.settings.drain_timeout_seconds)
+        # The workers see the same event and drain by themselves; the background loops
+        # (cache sync, import linger) have no end of their own.
+        if self._worker_tasks:
+            await asyncio.wait(self._worker_tasks)
+        for task in self._tasks:
+            task.cancel()
+
+    # --- health -------------------------------------------------------------------------
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        dead = [t.get_name() for t in (*self._tasks, *self._worker_tasks) if t.done()]
+        checks = {"loops": "ok" if not dead else f"stopped: {', '.join(dead)}"}
+        return _health(checks)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        checks: dict[str, str] = {}
+        if self.stop.is_set():
+            checks["shutdown"] = "stopping"
+        if self.consumes:
+            checks["cache"] = "ok" if self.cache.warm.is_set() else "loading"
+            unassigned = [w.name for w in self.workers if not w.assigned.is_set()]
+            checks["kafka"] = (
+                "ok"
+                if self.workers and not unassigned
+                else f"not assigned: {', '.join(unassigned) or 'starting'}"
+            )
+        checks["database"] = await self._database_check()
+        return _health(checks)
+
+    async def _database_check(self) -> str:
+        if self._pool is None:
+            return "starting"
+        try:
+            async with asyncio.timeout(2):
+                await self._pool.fetchval("SELECT 1")
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            return f"unreachable: {type(exc).__name__}"
+        return "ok"
+
+
+def _health(checks: dict[str, str]) -> web.Response:
+    ok = all(v == "ok" for v in checks.values())
+    return web.json_response(
+        {"status": "ok" if ok else "fail", "checks": checks}, status=200 if ok else 503
+    )
+
+
+def _consumer(s: Settings, group_id: str, **extra: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        bootstrap_servers=s.kafka_bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="webhook-dispatcher",
+        **extra,
+    )
+
+
+async def ensure_internal_topics(s: Settings) -> None:
+    """Create the retry, notice and dead-letter topics if missing.
+
+    They get as many partitions as the first event topic, so retries scale out like events.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        partitions = 1
+        if s.event_topics[0] in existing:
+            described = await admin.describe_topics([s.event_topics[0]])
+            partitions = max(1, len(described[0].get("partitions", [])))
+        wanted = [
+            NewTopic(t, num_partitions=partitions, replication_factor=-1)
+            for t in (s.retry_topic, s.notice_topic, s.dead_letter_topic)
+            if t not in existing
+        ]
+        if wanted:
+            with contextlib.suppress(Exception):  # a concurrent daemon may create them first
+                await admin.create_topics(wanted)
+            log.info("topics_created", topics=[t.name for t in wanted], partitions=partitions)
+    finally:
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def _serve(app: web.Application, host: str, port: int, daemon: Daemon) -> AsyncIterator[None]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        daemon.http_port = runner.addresses[0][1]
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def run(settings: Settings, *, role: Role = "all", clock: Clock = time.time) -> int:
+    """Entry point of ``dispatcher run``: run until SIGTERM/SIGINT; 0 on a clean stop."""
+    daemon = Daemon(settings, role=role, clock=clock)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal(daemon, sig))
+    await daemon.run()
+    return 0
+
+
+def _on_signal(daemon: Daemon, sig: signal.Signals) -> Callable[[], None]:
+    def handler() -> None:
+        log.info("signal_received", signal=sig.name)
+        daemon.stop.set()
+
+    return handler

@@ -1,0 +1,110 @@
+"""PostgreSQL access: connection pools and versioned schema migrations.
+
+Migrations are the SQL files ``migrations/NNNN_name.sql`` of this package, applied in
+order, each in its own transaction, under an advisory lock so that several daemons
+starting at once apply each file exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Any constant will do: it only has to be the same for every dispatcher of a database.
+_MIGRATION_LOCK = 0x77_65_62_68_6F_6F_6B  # "webhook"
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class DatabaseError(RuntimeError):
+    """The database is unreachable or refused what the dispatcher needs of it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One versioned SQL file."""
+
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The package's migrations, in version order."""
+    found = []
+    for entry in resources.files("dispatcher.migrations").iterdir():
+        match = _FILE.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise DatabaseError(f"two migration files share a version: {versions}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply the migrations this database lacks; return the versions applied now."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version    integer PRIMARY KEY,
+                   name       text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        applied = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = []
+        for migration in migrations():
+            if migration.version in applied:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            log.info("migration_applied", version=migration.version, name=migration.name)
+            done.append(migration.version)
+        return done
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
+    """One connection, with an error that says where it tried to connect."""
+    try:
+        return await asyncpg.connect(url, timeout=connect_timeout)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {exc}") from exc
+
+
+async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    """A connection pool, with an error that says where it tried to connect."""
+    try:
+        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {exc}") from exc
+    assert pool is not None  # create_pool returns None only when used in a bare await of init
+    return pool
+
+
+async def migrate_url(url: str) -> list[int]:
+    """Connect, migrate, disconnect."""
+    conn = await connect(url)
+    try:
+        return await migrate(conn)
+    finally:
+        await conn.close()
+
+
+def _where(url: str) -> str:
+    """host:port/db of a URL, without credentials."""
+    rest = url.partition("://")[2]
+    return rest.rpartition("@")[2] or url

@@ -1,0 +1,123 @@
+"""The event contract: one JSON object per Kafka message, decoded at the edge.
+
+``schemas/event.schema.json`` documents the same contract for producers; a test checks
+that the two agree. A message that breaks it raises :class:`InvalidEvent`, whose
+``reason`` goes into the dead-letter record's headers. Unknown fields are ignored, so
+producers can add fields before dispatchers know them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+MAX_ID_LENGTH = 200
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+class InvalidEvent(ValueError):
+    """The message is not an event of the contract; ``reason`` says why, in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One entity change."""
+
+    event_id: str
+    entity_name: str
+    event_type: str  # upper case
+    environment_id: str
+    client_id: str
+    from_user: str | None
+    time: str
+    entity: dict[str, Any]
+    import_id: str | None = None
+    import_end: bool = False
+
+
+def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise InvalidEvent(f"'{name}' is missing")
+    if not isinstance(value, str):
+        raise InvalidEvent(f"'{name}' must be a string, got {type(value).__name__}")
+    if not optional and not value:
+        raise InvalidEvent(f"'{name}' must not be empty")
+    if len(value) > MAX_ID_LENGTH and name != "from_user":
+        raise InvalidEvent(f"'{name}' is longer than {MAX_ID_LENGTH} characters")
+    return value
+
+
+def decode(raw: bytes | None) -> Event:
+    """Decode and validate one Kafka message value."""
+    if raw is None:
+        raise InvalidEvent("the message has no value (tombstone)")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
+
+    event_id = _text(data, "event_id")
+    assert event_id is not None
+    if not _UUID.match(event_id):
+        raise InvalidEvent(f"'event_id' must be a UUID, got {event_id!r}")
+    time_text = _text(data, "time")
+    assert time_text is not None
+    try:
+        datetime.fromisoformat(time_text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidEvent(f"'time' must be an ISO 8601 timestamp, got {time_text!r}") from None
+    entity = data.get("entity")
+    if not isinstance(entity, dict):
+        raise InvalidEvent("'entity' must be a JSON object")
+    import_end = data.get("import_end", False)
+    if import_end is None:
+        import_end = False
+    if not isinstance(import_end, bool):
+        raise InvalidEvent("'import_end' must be true or false")
+    import_id = data.get("import_id")
+    if import_id is not None and not isinstance(import_id, str | int):
+        raise InvalidEvent("'import_id' must be a string, a number or null")
+
+    return Event(
+        event_id=event_id,
+        entity_name=_text(data, "entity_name") or "",
+        event_type=(_text(data, "event_type") or "").upper(),
+        environment_id=_text(data, "environment_id") or "",
+        client_id=_text(data, "client_id", optional=True) or "",
+        from_user=_text(data, "from_user", optional=True),
+        time=time_text,
+        entity=entity,
+        import_id=None if import_id is None else str(import_id),
+        import_end=import_end,
+    )
+
+
+def encode(event: Event) -> bytes:
+    """The wire form of an event (for producers, tests and the benchmark)."""
+    return orjson.dumps(
+        {
+            "event_id": event.event_id,
+            "entity_name": event.entity_name,
+            "event_type": event.event_type,
+            "environment_id": event.environment_id,
+            "client_id": event.client_id,
+            "from_user": event.from_user,
+            "time": event.time,
+            "entity": event.entity,
+            "import_id": event.import_id,
+            "import_end": event.import_end,
+        }
+    )

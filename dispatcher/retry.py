@@ -1,0 +1,211 @@
+"""Retries on a Kafka delay topic, never by sleeping per message.
+
+A failed attempt becomes a :class:`RetryRecord` on ``DISPATCHER_RETRY_TOPIC`` (keyed by
+webhook id, produced with ``acks=all`` before the source offset commits), together with
+its failure :class:`~dispatcher.notices.Notice`. The :class:`RetryWorker` consumes the
+delay topic: a record not yet due is not taken; its partition is paused, the consumer
+seeks back to it and a timer resumes the partition when it is due. Other partitions keep
+flowing, a restart re-reads pending records from the committed offset (so a retry is
+neither lost nor fired early), and records are in due order within a partition because
+the delay is the same for all (a longer ``Retry-After`` can only make later records late,
+never early).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from dispatcher.cache import SubscriptionCache
+from dispatcher.delivery import Outcome
+from dispatcher.notices import Notice
+from dispatcher.notification import Notification, iso_millis
+from dispatcher.sender import Clock, Sender
+from dispatcher.settings import Settings
+from dispatcher.store import Webhook
+from dispatcher.worker import KafkaWorker
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryRecord:
+    """A scheduled attempt: the record on the delay topic."""
+
+    notification: Notification
+    n_retry: int  # the nRetry of the attempt to make
+    due_ms: int  # Unix milliseconds; not attempted before
+    last_failure: str
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "webhook_id": str(self.notification.webhook_id),
+                "n_retry": self.n_retry,
+                "due_ms": self.due_ms,
+                "due_at": iso_millis(datetime.fromtimestamp(self.due_ms / 1000, UTC)),
+                "last_failure": self.last_failure,
+                "notification": self.notification.to_json(),
+            }
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> RetryRecord:
+        """Raises ValueError on a record that is not of :meth:`encode`'s shape."""
+        try:
+            data = orjson.loads(raw or b"")
+            n_retry, due_ms = data["n_retry"], data["due_ms"]
+            if not isinstance(n_retry, int) or not isinstance(due_ms, int) or n_retry < 1:
+                raise ValueError("n_retry and due_ms must be integers, n_retry >= 1")
+            return cls(
+                Notification.from_json(data["notification"]),
+                n_retry,
+                due_ms,
+                str(data.get("last_failure", "")),
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"malformed retry record: {exc!r}") from None
+
+
+class RetryScheduler:
+    """The failure handler: schedules the next attempt and queues the notice, durably."""
+
+    def __init__(self, producer: AIOKafkaProducer, settings: Settings, clock: Clock) -> None:
+        self._producer = producer
+        self._settings = settings
+        self._clock = clock
+        self.scheduled = 0
+        self.exhausted = 0
+
+    async def failed(
+        self,
+        webhook: Webhook,
+        notification: Notification,
+        n_retry: int,
+        body: bytes,
+        outcome: Outcome,
+    ) -> None:
+        s = self._settings
+        now = self._clock()
+        final = n_retry >= s.max_retries
+        key = str(webhook.id).encode()
+        waits = []
+        next_at: str | None = None
+        if not final:
+            delay = max(s.retry_delay_seconds, outcome.retry_after or 0.0)
+            due_ms = int((now + delay) * 1000)
+            next_at = iso_millis(datetime.fromtimestamp(due_ms / 1000, UTC))
+            record = RetryRecord(notification, n_retry + 1, due_ms, outcome.detail)
+            waits.append(await self._producer.send(s.retry_topic, record.encode(), key=key))
+        notice = Notice(
+            notice_id=Notice.make_id(notification.notification_uuid, n_retry),
+            to=webhook.email,
+            webhook_id=str(webhook.id),
+            url=webhook.url,
+            entity_name=webhook.entity_name,
+            event_type=webhook.event_type,
+            notification_uuid=notification.notification_uuid,
+            n_retry=n_retry,
+            max_retries=s.max_retries,
+            final=final,
+            failed_at=iso_millis(datetime.fromtimestamp(now, UTC)),
+            error=outcome.detail,
+            status=outcome.status,
+            response_head=outcome.body_head,
+            next_attempt_at=next_at,
+            request_body=body.decode("utf-8", "replace"),
+        )
+        waits.append(await self._producer.send(s.notice_topic, notice.encode(), key=key))
+        await asyncio.gather(*waits)  # acked by all in-sync replicas before we return
+        if final:
+            self.exhausted += 1
+            log.warning(
+                "retries_exhausted",
+                webhook_id=str(webhook.id),
+                notification_uuid=notification.notification_uuid,
+                n_retry=n_retry,
+            )
+        else:
+            self.scheduled += 1
+
+
+class RetryWorker(KafkaWorker):
+    """Consumes the delay topic and makes each attempt when it is due."""
+
+    name = "retries"
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        sender: Sender,
+        cache: SubscriptionCache,
+        settings: Settings,
+        clock: Clock,
+    ) -> None:
+        super().__init__(
+            consumer,
+            max_pending=settings.max_in_flight * 4,
+            drain_timeout=settings.drain_timeout_seconds,
+        )
+        self._sender = sender
+        self._cache = cache
+        self._clock = clock
+        self._timers: dict[TopicPartition, asyncio.TimerHandle] = {}
+        self.dropped = 0
+
+    async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
+        for record in records:
+            try:
+                retry = RetryRecord.decode(record.value)
+            except ValueError as exc:
+                log.error("retry_record_malformed", error=str(exc), offset=record.offset)
+                await self.track(tp, record.offset, None)
+                continue
+            wait = retry.due_ms / 1000 - self._clock()
+            if wait > 0:
+                self._hold(tp, record.offset, wait)
+                return
+            webhook = self._cache.get(retry.notification.webhook_id)
+            if webhook is None:
+                self.dropped += 1
+                log.info(
+                    "retry_dropped",
+                    reason="webhook deleted",
+                    webhook_id=str(retry.notification.webhook_id),
+                    notification_uuid=retry.notification.notification_uuid,
+                )
+                await self.track(tp, record.offset, None)
+                continue
+            await self.track(tp, record.offset, self._attempt(webhook, retry))
+
+    async def _attempt(self, webhook: Webhook, retry: RetryRecord) -> None:
+        await self._sender.deliver(webhook, retry.notification, retry.n_retry)
+
+    def _hold(self, tp: TopicPartition, offset: int, wait: float) -> None:
+        """Take nothing more from ``tp`` until the record at ``offset`` is due."""
+        self.consumer.seek(tp, offset)
+        self.consumer.pause(tp)
+        old = self._timers.pop(tp, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[tp] = loop.call_later(wait, self._release, tp)
+
+    def _release(self, tp: TopicPartition) -> None:
+        self._timers.pop(tp, None)
+        if tp in self.consumer.assignment():
+            self.consumer.resume(tp)
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        for tp in revoked:
+            timer = self._timers.pop(tp, None)
+            if timer is not None:
+                timer.cancel()
+        await super().on_revoked(revoked)

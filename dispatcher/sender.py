@@ -1,0 +1,136 @@
+"""Delivery attempts: bounded, signed, logged, and handed to retry when they fail.
+
+Two bounds apply to every attempt: a global one (``DISPATCHER_MAX_IN_FLIGHT``) and one per
+endpoint (``DISPATCHER_MAX_IN_FLIGHT_PER_ENDPOINT``, keyed by scheme, host and port), so a
+slow or hanging endpoint holds at most its own slots while other shops' events flow.
+Each attempt writes one canonical log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+import structlog
+from yarl import URL
+
+from dispatcher import signing
+from dispatcher.delivery import HttpClient, Outcome
+from dispatcher.notification import Notification
+from dispatcher.store import Webhook
+
+log = structlog.get_logger("dispatcher.delivery")
+
+Clock = Callable[[], float]  # Unix seconds, like time.time
+
+
+class FailureHandler(Protocol):
+    """Makes a failed attempt durable (retry record, notice) before its offset commits."""
+
+    async def failed(
+        self,
+        webhook: Webhook,
+        notification: Notification,
+        n_retry: int,
+        body: bytes,
+        outcome: Outcome,
+    ) -> None: ...
+
+
+class _EndpointGate:
+    __slots__ = ("semaphore", "users")
+
+    def __init__(self, limit: int) -> None:
+        self.semaphore = asyncio.Semaphore(limit)
+        self.users = 0
+
+
+class Sender:
+    """Runs attempts within the bounds, and reports failures to a :class:`FailureHandler`."""
+
+    def __init__(
+        self,
+        http: HttpClient,
+        failures: FailureHandler,
+        *,
+        max_in_flight: int,
+        max_in_flight_per_endpoint: int,
+        clock: Clock,
+    ) -> None:
+        self._http = http
+        self._failures = failures
+        self._global = asyncio.Semaphore(max_in_flight)
+        self._per_endpoint = max_in_flight_per_endpoint
+        self._gates: dict[str, _EndpointGate] = {}
+        self._clock = clock
+        self._keys: dict[str, bytes] = {}
+        self.in_flight = 0
+
+    async def deliver(self, webhook: Webhook, notification: Notification, n_retry: int) -> Outcome:
+        """One attempt; a failure is handed to the failure handler before this returns."""
+        endpoint = _endpoint(webhook.url)
+        gate = self._gates.get(endpoint)
+        if gate is None:
+            gate = self._gates[endpoint] = _EndpointGate(self._per_endpoint)
+        gate.users += 1
+        try:
+            async with gate.semaphore, self._global:
+                self.in_flight += 1
+                try:
+                    body, outcome = await self._attempt(webhook, notification, n_retry)
+                finally:
+                    self.in_flight -= 1
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._gates[endpoint]
+        _log_attempt(webhook, notification, n_retry, outcome)
+        if not outcome.ok:
+            await self._failures.failed(webhook, notification, n_retry, body, outcome)
+        return outcome
+
+    async def _attempt(
+        self, webhook: Webhook, notification: Notification, n_retry: int
+    ) -> tuple[bytes, Outcome]:
+        now = self._clock()
+        body = notification.body(n_retry, datetime.fromtimestamp(now, UTC))
+        key = self._keys.get(webhook.secret)
+        if key is None:
+            key = self._keys[webhook.secret] = signing.secret_key(webhook.secret)
+            if len(self._keys) > 100_000:  # bounded: secrets of deleted webhooks go away
+                self._keys.clear()
+        headers = signing.headers(key, notification.notification_uuid, int(now), body)
+        return body, await self._http.post(webhook.url, body, headers)
+
+
+def _endpoint(url: str) -> str:
+    parsed = URL(url)
+    return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
+
+
+def _log_attempt(
+    webhook: Webhook, notification: Notification, n_retry: int, outcome: Outcome
+) -> None:
+    fields = {
+        "webhook_id": str(webhook.id),
+        "notification_uuid": notification.notification_uuid,
+        "environment_id": webhook.environment_id,
+        "entity_name": notification.entity_name,
+        "event_type": notification.type,
+        "n_retry": n_retry,
+        "entities": len(notification.entities),
+        "status": outcome.status,
+        "duration_ms": outcome.duration_ms,
+    }
+    if outcome.ok:
+        log.info("delivery", outcome="delivered", **fields)
+    else:
+        log.warning(
+            "delivery",
+            outcome="failed",
+            error_kind=outcome.error_kind,
+            error=outcome.detail,
+            **fields,
+        )

@@ -1,0 +1,282 @@
+"""Settings: one frozen dataclass read from ``DISPATCHER_*`` environment variables.
+
+Every setting has a default that points at the local stack (``make stack``), so a bare
+``dispatcher run`` works on a developer machine. A bad value stops the process at start
+with one line naming the variable::
+
+    >>> Settings.from_env({"DISPATCHER_MAX_RETRIES": "-1"})
+    Traceback (most recent call last):
+    ...
+    dispatcher.settings.SettingsError: DISPATCHER_MAX_RETRIES: expected an integer >= 0, got '-1'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "DISPATCHER_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A setting has a value the daemon cannot use; the message names the variable."""
+
+
+# --- parsers: each takes the raw string and returns the value or raises ValueError ------
+
+
+def _str(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def _optional_str(raw: str) -> str:
+    return raw.strip()
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected an integer from 1 to 65535, got {raw!r}") from None
+    if not 1 <= value <= 65535:
+        raise ValueError(f"expected an integer from 1 to 65535, got {raw!r}")
+    return value
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected an integer >= {minimum}, got {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"expected an integer >= {minimum}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number of seconds, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number of seconds, got {raw!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"expected a number of seconds {bound}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _topics(raw: str) -> tuple[str, ...]:
+    topics = tuple(t.strip() for t in raw.split(",") if t.strip())
+    if not topics:
+        raise ValueError("expected a comma-separated list of topic names, got nothing")
+    for topic in topics:
+        if len(topic) > 249 or not all(c.isalnum() or c in "._-" for c in topic):
+            raise ValueError(f"{topic!r} is not a valid Kafka topic name")
+    return topics
+
+
+def _topic(raw: str) -> str:
+    topics = _topics(raw)
+    if len(topics) != 1:
+        raise ValueError(f"expected one topic name, got {raw!r}")
+    return topics[0]
+
+
+def _networks(raw: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=False))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a CIDR such as 127.0.0.0/8 or ::1/128") from None
+    return tuple(networks)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _log_level(raw: str) -> str:
+    return _choice("debug", "info", "warning", "error")(raw).upper()
+
+
+def _database_url(raw: str) -> str:
+    value = _str(raw)
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("expected a postgresql:// URL")
+    return value
+
+
+def _setting(default: Any, parse: Callable[[str], Any], doc: str, *, secret: bool = False) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"parse": parse, "doc": doc, "secret": secret},
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Settings:
+    """The daemon's configuration. Build it with :meth:`from_env`."""
+
+    kafka_bootstrap: str = _setting(
+        "127.0.0.1:9092", _str, "Kafka bootstrap servers, comma-separated host:port."
+    )
+    database_url: str = _setting(
+        "postgresql://dispatcher@127.0.0.1:55432/dispatcher",
+        _database_url,
+        "PostgreSQL URL of the subscriptions store.",
+        secret=True,
+    )
+    http_host: str = _setting("127.0.0.1", _str, "Address the HTTP API listens on.")
+    http_port: int = _setting(8080, _port, "Port of the HTTP API (webhooks, health).")
+    smtp_host: str = _setting("127.0.0.1", _str, "SMTP server for failure notices.")
+    smtp_port: int = _setting(2525, _port, "SMTP server port.")
+    smtp_user: str = _setting("", _optional_str, "SMTP user name; empty for no login.")
+    smtp_password: str = _setting("", _optional_str, "SMTP password; never logged.", secret=True)
+    smtp_tls: str = _setting(
+        "none",
+        _choice("none", "starttls", "tls"),
+        "SMTP transport security: none, starttls or tls (implicit TLS).",
+    )
+    smtp_sender: str = _setting("webhooks@localhost", _str, "From address of failure notices.")
+    event_topics: tuple[str, ...] = _setting(
+        ("entity-events",), _topics, "Kafka topics of entity-change events, comma-separated."
+    )
+    consumer_group: str = _setting(
+        "webhook-dispatcher", _str, "Kafka consumer group shared by all dispatchers."
+    )
+    dead_letter_topic: str = _setting(
+        "webhook-dead-letters", _topic, "Topic that receives malformed events, with the reason."
+    )
+    retry_topic: str = _setting("webhook-retries", _topic, "Delay topic holding scheduled retries.")
+    notice_topic: str = _setting(
+        "webhook-notices", _topic, "Topic queueing failure notices until they are mailed."
+    )
+    retry_delay_seconds: float = _setting(
+        900.0, _seconds(), "Delay between a failed attempt and the next one."
+    )
+    max_retries: int = _setting(3, _int_at_least(0), "Retries after the first attempt.")
+    delivery_timeout_seconds: float = _setting(
+        10.0, _seconds(), "Total time allowed for one webhook POST."
+    )
+    max_in_flight: int = _setting(
+        256, _int_at_least(1), "Deliveries in flight at once, over all endpoints."
+    )
+    max_in_flight_per_endpoint: int = _setting(
+        8, _int_at_least(1), "Deliveries in flight at once to one endpoint (scheme+host+port)."
+    )
+    allow_private_targets: tuple[IPNetwork, ...] = _setting(
+        (),
+        _networks,
+        "CIDRs that webhook URLs may resolve to despite being private/loopback.",
+    )
+    tls_ca_file: str = _setting(
+        "", _optional_str, "Extra CA bundle (PEM) trusted for webhook endpoints."
+    )
+    cache_resync_seconds: float = _setting(
+        300.0, _seconds(), "Full re-sync period of the subscription cache (safety net)."
+    )
+    drain_timeout_seconds: float = _setting(
+        20.0, _seconds(allow_zero=True), "Time allowed on SIGTERM to finish deliveries in flight."
+    )
+    import_batch_size: int = _setting(
+        80, _int_at_least(1), "Most entities in one notification of an import batch."
+    )
+    import_linger_seconds: float = _setting(
+        2.0, _seconds(), "A batch still open this long after its last entity goes out."
+    )
+    import_max_open_batches: int = _setting(
+        10_000, _int_at_least(1), "Open import batches kept; beyond it the oldest goes out early."
+    )
+    catalog_file: str = _setting(
+        "", _optional_str, "JSON file replacing the built-in entity catalog."
+    )
+    log_level: str = _setting("INFO", _log_level, "debug, info, warning or error.")
+    log_format: str = _setting(
+        "auto", _choice("auto", "json", "console"), "auto (console on a TTY), json or console."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``DISPATCHER_*`` variable; raise :class:`SettingsError` on a bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = env_name(f.name)
+            raw = env.get(name)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
+        return cls(**values)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict fit for a log line: secrets are replaced by ``***``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                out[f.name] = _redact_url(value) if f.name == "database_url" else "***"
+            elif isinstance(value, tuple):
+                out[f.name] = [str(v) for v in value]
+            else:
+                out[f.name] = value
+        return out
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a settings field: ``http_port`` -> ``DISPATCHER_HTTP_PORT``."""
+    return PREFIX + field_name.upper()
+
+
+def documentation() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            shown = ",".join(str(d) for d in default)
+        elif isinstance(default, float) and default.is_integer():
+            shown = str(int(default))
+        else:
+            shown = str(default)
+        rows.append((env_name(f.name), shown, f.metadata["doc"]))
+    return rows
+
+
+def _redact_url(url: str) -> str:
+    """Hide the password of a URL such as postgresql://user:pw@host/db."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
