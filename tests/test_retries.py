@@ -1,0 +1,241 @@
+"""Retries on the delay topic and failure notices, on real Kafka, SMTP and HTTPS."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from email.message import Message
+
+import pytest
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.structs import TopicPartition
+
+from dispatcher.retry import RetryWorker
+from dispatcher.settings import Settings
+from dispatcher.store import Principal, Store, Webhook
+from tests.conftest import WAIT, Mailbox, Receiver, Running, make_event, produce
+
+StartDaemon = Callable[..., Awaitable[Running]]
+MakeReceiver = Callable[..., Awaitable[Receiver]]
+DELAY = 1.0
+
+
+@pytest.fixture
+def retry_settings(isolated_settings: Settings, mailbox: Mailbox) -> Settings:
+    """Short retry delays and this test's SMTP server."""
+    return replace(
+        isolated_settings,
+        retry_delay_seconds=DELAY,
+        max_retries=3,
+        smtp_host=mailbox.host,
+        smtp_port=mailbox.port,
+        smtp_sender="webhooks@dispatcher.test",
+    )
+
+
+def failing_then(ok_from: int | None) -> Callable[[web.Request, int], Awaitable[web.Response]]:
+    """A responder answering 500 until request number ``ok_from`` (1-based), then 200."""
+
+    async def respond(_request: web.Request, n: int) -> web.Response:
+        if ok_from is not None and n >= ok_from:
+            return web.Response(status=200)
+        return web.Response(status=500, text="database on fire")
+
+    return respond
+
+
+async def subscribe(store: Store, shop: Principal, receiver: Receiver) -> Webhook:
+    return await store.create_webhook(
+        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="dev@shop.test"
+    )
+
+
+def text_of(message: Message) -> str:
+    for part in message.walk():
+        if part.get_content_type() == "text/plain":
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            return payload.decode()
+    raise AssertionError("no text/plain part")
+
+
+async def topic_size(admin_bootstrap: str, topic: str) -> int:
+    """Records in a single-partition topic (its end offset)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=admin_bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        ends = await consumer.end_offsets([tp])
+        return int(ends[tp])
+    finally:
+        await consumer.stop()
+
+
+async def test_failing_endpoint_gets_exactly_one_plus_max_retries_attempts_and_a_mail_each(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    mailbox: Mailbox,
+) -> None:
+    """A message that always fails is tried 4 times, DELAY apart, and each failure is mailed."""
+    receiver = await receiver_factory(responder=failing_then(None))
+    webhook = await subscribe(store, shop, receiver)
+    running = await start_daemon(retry_settings)
+    event = make_event(shop)
+    await produce(producer, retry_settings.event_topics[0], event)
+
+    requests = await receiver.wait_for(4)
+    bodies = [r.json() for r in requests]
+    assert [b["nRetry"] for b in bodies] == [0, 1, 2, 3]
+    assert len({b["notification_uuid"] for b in bodies}) == 1
+    for before, after in zip(requests, requests[1:], strict=False):
+        assert after.at - before.at >= DELAY * 0.99
+    mails = await mailbox.wait_for(4)
+    await running.stop()  # drains: any fifth attempt would have been made by now
+    assert len(receiver.requests) == 4
+    assert len(mailbox.messages) == 4
+    for n, mail in enumerate(mails):
+        assert mail["To"] == "dev@shop.test"
+        text = text_of(mail)
+        assert webhook.url in text
+        assert f"attempt {n + 1} of 4" in text
+        assert "HTTP 500" in text and "database on fire" in text
+        assert bodies[0]["notification_uuid"] in text  # the request body is in the mail
+        assert f'"nRetry":{n}' in text
+        assert webhook.secret not in mail.as_string()
+    assert "retry limit" not in mails[2]["Subject"]
+    assert "retry limit reached" in mails[3]["Subject"]
+    assert "will not be sent again" in text_of(mails[3])
+    assert "next attempt is due" in text_of(mails[0])
+
+
+async def test_endpoint_that_recovers_on_retry_two_gets_it_and_no_more_mails_follow(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    mailbox: Mailbox,
+) -> None:
+    """Two failures, then success on nRetry 2: two mails, three requests, nothing after."""
+    receiver = await receiver_factory(responder=failing_then(3))
+    await subscribe(store, shop, receiver)
+    running = await start_daemon(retry_settings)
+    await produce(producer, retry_settings.event_topics[0], make_event(shop))
+
+    requests = await receiver.wait_for(3)
+    assert [r.json()["nRetry"] for r in requests] == [0, 1, 2]
+    await mailbox.wait_for(2)
+    await running.stop()
+    assert len(receiver.requests) == 3
+    assert await topic_size(retry_settings.kafka_bootstrap, retry_settings.notice_topic) == 2
+    assert len(mailbox.messages) == 2
+
+
+async def test_every_notice_arrives_once_after_smtp_comes_back(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    mailbox: Mailbox,
+) -> None:
+    """Notices queued while SMTP refuses mail are all delivered, none twice, once it accepts."""
+    mailbox.accept = False
+    receiver = await receiver_factory(responder=failing_then(None))
+    await subscribe(store, shop, receiver)
+    settings = replace(retry_settings, max_retries=1)
+    running = await start_daemon(settings)
+    await produce(producer, settings.event_topics[0], make_event(shop), make_event(shop))
+
+    await receiver.wait_for(4)  # 2 events x (1 + 1 retry), all failed
+    notices = running.daemon.workers[-1]
+    async with asyncio.timeout(WAIT):
+        while notices.failed == 0:  # type: ignore[attr-defined]
+            await asyncio.sleep(0.05)  # polling a counter with a deadline
+    assert mailbox.messages == []
+    mailbox.accept = True
+    mails = await mailbox.wait_for(4)
+    await running.stop()
+    ids = [m["X-Webhook-Notice-Id"] for m in mails]
+    assert len(ids) == 4 and len(set(ids)) == 4
+
+
+async def test_pending_retry_survives_a_restart_and_fires_once_on_time(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """A retry scheduled before a restart is made once, by the new process, not early."""
+    settings = replace(retry_settings, retry_delay_seconds=3.0, max_retries=1)
+    receiver = await receiver_factory(responder=failing_then(2))
+    await subscribe(store, shop, receiver)
+    first = await start_daemon(settings)
+    await produce(producer, settings.event_topics[0], make_event(shop))
+    (failed,) = await receiver.wait_for(1)
+    await first.stop()
+
+    await start_daemon(settings)
+    requests = await receiver.wait_for(2)
+    assert requests[1].json()["nRetry"] == 1
+    assert requests[1].at - failed.at >= 3.0 * 0.99
+    assert len(receiver.requests) == 2
+
+
+async def test_deleting_the_webhook_stops_its_pending_retries(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """A retry whose webhook was deleted meanwhile is dropped, not sent."""
+    receiver = await receiver_factory(responder=failing_then(None))
+    webhook = await subscribe(store, shop, receiver)
+    running = await start_daemon(retry_settings)
+    await produce(producer, retry_settings.event_topics[0], make_event(shop))
+    await receiver.wait_for(1)
+    await store.delete_webhook(shop.environment_id, webhook.id)
+
+    (retries,) = [w for w in running.daemon.workers if isinstance(w, RetryWorker)]
+    async with asyncio.timeout(WAIT):
+        while retries.dropped == 0:
+            await asyncio.sleep(0.05)  # polling a counter with a deadline
+    assert len(receiver.requests) == 1
+
+
+async def test_retry_after_longer_than_the_delay_is_honoured(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """An endpoint answering 503 with Retry-After: 3 is not retried before 3 seconds."""
+
+    async def busy_then_ok(_request: web.Request, n: int) -> web.Response:
+        if n == 1:
+            return web.Response(status=503, headers={"Retry-After": "3"})
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(responder=busy_then_ok)
+    await subscribe(store, shop, receiver)
+    await start_daemon(retry_settings)
+    await produce(producer, retry_settings.event_topics[0], make_event(shop))
+    first, second = await receiver.wait_for(2)
+    assert second.at - first.at >= 3.0 * 0.99
+

@@ -1,0 +1,232 @@
+"""Pure logic: settings, offsets, the event contract, the catalog, ids and signatures."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from dispatcher import catalog, signing
+from dispatcher.events import InvalidEvent, decode
+from dispatcher.netguard import is_blocked
+from dispatcher.notification import notification_uuid
+from dispatcher.offsets import PartitionOffsets
+from dispatcher.settings import Settings, SettingsError, documentation
+from dispatcher.store import new_secret
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- settings ---------------------------------------------------------------------------
+
+
+def test_defaults_point_at_the_local_stack() -> None:
+    """With no environment the settings are the documented local-stack defaults."""
+    s = Settings.from_env({})
+    assert s.kafka_bootstrap == "127.0.0.1:9092"
+    assert s.http_port == 8080
+    assert s.event_topics == ("entity-events",)
+    assert s.retry_delay_seconds == 900
+    assert s.max_retries == 3
+    assert s.consumer_group == "webhook-dispatcher"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DISPATCHER_HTTP_PORT", "abc", "expected an integer from 1 to 65535, got 'abc'"),
+        ("DISPATCHER_HTTP_PORT", "70000", "expected an integer from 1 to 65535, got '70000'"),
+        ("DISPATCHER_MAX_RETRIES", "-1", "expected an integer >= 0, got '-1'"),
+        ("DISPATCHER_RETRY_DELAY_SECONDS", "soon", "expected a number of seconds, got 'soon'"),
+        ("DISPATCHER_RETRY_DELAY_SECONDS", "0", "expected a number of seconds > 0, got '0'"),
+        ("DISPATCHER_EVENT_TOPICS", " , ", "expected a comma-separated list of topic names"),
+        ("DISPATCHER_EVENT_TOPICS", "ok,bad topic", "'bad topic' is not a valid Kafka topic"),
+        ("DISPATCHER_ALLOW_PRIVATE_TARGETS", "10.0.0.0/33", "'10.0.0.0/33' is not a CIDR"),
+        ("DISPATCHER_SMTP_TLS", "maybe", "expected one of none, starttls, tls, got 'maybe'"),
+        ("DISPATCHER_DATABASE_URL", "mysql://x", "expected a postgresql:// URL"),
+    ],
+)
+def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:
+    """Each bad value raises an error that starts with the variable's name."""
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({name: value})
+    assert str(caught.value).startswith(f"{name}: {message}")
+
+
+def test_secrets_are_redacted_for_logs() -> None:
+    """The settings logged at start never include the SMTP password or the DB password."""
+    s = Settings.from_env(
+        {
+            "DISPATCHER_SMTP_PASSWORD": "hunter2",
+            "DISPATCHER_DATABASE_URL": "postgresql://u:sekret@db/x",
+        }
+    )
+    shown = json.dumps(s.redacted())
+    assert "hunter2" not in shown and "sekret" not in shown
+    assert "postgresql://u:***@db/x" in shown
+    assert "hunter2" not in repr(s)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """The README's configuration table lists every setting with its default."""
+    readme = (ROOT / "README.md").read_text()
+    for name, default, _doc in documentation():
+        assert f"| `{name}` | `{default}` |" in readme, name
+
+
+# --- offsets ----------------------------------------------------------------------------
+
+
+def test_commit_offset_never_passes_unfinished_work() -> None:
+    """Out-of-order completion commits only past the lowest unfinished offset."""
+    t = PartitionOffsets()
+    for offset in (10, 11, 12, 13):
+        t.add(offset)
+    t.done(12)
+    assert t.committable() is None
+    t.done(10)
+    assert t.committable() == 11
+    t.committed(11)
+    assert t.committable() is None
+    t.done(11)
+    assert t.committable() == 13
+    t.done(13)
+    assert t.committable() == 14
+    assert t.in_flight == 0
+
+
+def test_offsets_must_grow() -> None:
+    """Handing out an offset twice is a bug and is refused."""
+    t = PartitionOffsets()
+    t.add(3)
+    with pytest.raises(ValueError, match="offset 3 after 3"):
+        t.add(3)
+
+
+# --- the event contract -----------------------------------------------------------------
+
+VALID: dict[str, Any] = {
+    "event_id": "6f1c3c57-2f0e-4a51-9a35-0c7a2b7d1e11",
+    "entity_name": "sales",
+    "event_type": "closed",
+    "environment_id": "shop-1",
+    "client_id": "app",
+    "from_user": "user@example.com",
+    "time": "2026-01-01T10:00:00.000Z",
+    "entity": {"id": 1},
+    "import_id": None,
+    "import_end": False,
+}
+
+INVALID: list[tuple[dict[str, Any], str]] = [
+    ({k: v for k, v in VALID.items() if k != "event_id"}, "'event_id' is missing"),
+    ({**VALID, "event_id": "x"}, "'event_id' must be a UUID"),
+    ({**VALID, "entity_name": 3}, "'entity_name' must be a string"),
+    ({**VALID, "environment_id": ""}, "'environment_id' must not be empty"),
+    ({**VALID, "entity": [1]}, "'entity' must be a JSON object"),
+    ({**VALID, "import_end": "yes"}, "'import_end' must be true or false"),
+    ({**VALID, "import_id": [1]}, "'import_id' must be a string, a number or null"),
+    ({k: v for k, v in VALID.items() if k != "time"}, "'time' is missing"),
+]
+
+
+def test_valid_event_decodes_and_upper_cases_the_event_type() -> None:
+    """A valid event decodes; its event type is stored upper case."""
+    event = decode(orjson.dumps(VALID))
+    assert event.event_type == "CLOSED"
+    assert event.entity == {"id": 1}
+
+
+@pytest.mark.parametrize(("data", "reason"), INVALID)
+def test_invalid_events_say_why(data: dict[str, Any], reason: str) -> None:
+    """A broken event raises InvalidEvent whose reason names the field."""
+    with pytest.raises(InvalidEvent) as caught:
+        decode(orjson.dumps(data))
+    assert caught.value.reason.startswith(reason)
+
+
+def test_json_schema_and_decoder_agree() -> None:
+    """The published JSON Schema accepts the valid event and rejects each invalid one."""
+    schema = json.loads((ROOT / "schemas" / "event.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors(VALID))
+    for data, _ in INVALID:
+        assert list(validator.iter_errors(data)), data
+
+
+# --- catalog, ids, signatures, addresses ------------------------------------------------
+
+
+def test_builtin_catalog_has_the_domain_pairs() -> None:
+    """The built-in catalog allows the documented pairs and import policies."""
+    c = catalog.load()
+    assert c.allows("sales", "CLOSED")
+    assert not c.allows("items", "CLOSED")
+    assert c.import_policy("items") == "batch"
+    assert c.import_policy("stock_movements") == "skip"
+    assert c.import_policy("sales") == "single"
+
+
+def test_operators_can_replace_the_catalog(tmp_path: Path) -> None:
+    """A catalog file adds entities; a malformed one is refused with the file's name."""
+    good = tmp_path / "catalog.json"
+    good.write_text('{"vouchers": {"events": ["created", "USED"], "imports": "batch"}}')
+    assert catalog.load(str(good)).allows("vouchers", "USED")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"vouchers": {"events": []}}')
+    with pytest.raises(catalog.CatalogError, match="bad.json: entity 'vouchers'"):
+        catalog.load(str(bad))
+
+
+def test_notification_uuid_is_stable_per_event_and_webhook() -> None:
+    """The same (event, webhook) always gives the same id; another webhook another id."""
+    event_id, a, b = str(uuid.uuid4()), uuid.uuid4(), uuid.uuid4()
+    assert notification_uuid(event_id, a) == notification_uuid(event_id.upper(), a)
+    assert notification_uuid(event_id, a) != notification_uuid(event_id, b)
+
+
+def test_signature_verifies_with_the_standard_webhooks_library() -> None:
+    """Our headers verify with an independent Standard Webhooks implementation."""
+    import time
+
+    secret = new_secret()
+    body = b'{"hello":"world"}'
+    now = int(time.time())
+    headers = signing.headers(signing.secret_key(secret), "msg_1", now, body)
+    assert StandardWebhook(secret).verify(body, headers) == {"hello": "world"}
+
+
+@pytest.mark.parametrize(
+    ("address", "blocked"),
+    [
+        ("127.0.0.1", True),
+        ("10.1.2.3", True),
+        ("192.168.0.1", True),
+        ("169.254.169.254", True),
+        ("::1", True),
+        ("fe80::1", True),
+        ("::ffff:10.0.0.1", True),
+        ("8.8.8.8", False),
+        ("2001:4860:4860::8888", False),
+    ],
+)
+def test_private_loopback_and_link_local_addresses_are_blocked(
+    address: str, blocked: bool
+) -> None:
+    """Webhooks may only reach globally routable addresses."""
+    assert is_blocked(address, ()) is blocked
+
+
+def test_allowed_networks_lift_the_block() -> None:
+    """DISPATCHER_ALLOW_PRIVATE_TARGETS exempts the listed networks only."""
+    allowed = Settings.from_env(
+        {"DISPATCHER_ALLOW_PRIVATE_TARGETS": "127.0.0.0/8"}
+    ).allow_private_targets
+    assert not is_blocked("127.0.0.1", allowed)
+    assert is_blocked("10.0.0.1", allowed)
