@@ -14,27 +14,32 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
+import orjson
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher import __version__, catalog, db
 from dispatcher.cache import CacheSync, SubscriptionCache
 from dispatcher.delivery import HttpClient
 from dispatcher.dispatch import EventWorker
 from dispatcher.imports import ImportBatcher
+from dispatcher.metrics import Metrics
 from dispatcher.notices import NoticeWorker
 from dispatcher.retry import RetryScheduler, RetryWorker
 from dispatcher.sender import Clock, Sender
 from dispatcher.settings import Settings
 from dispatcher.store import Store
+from dispatcher.systemd import Notifier
 from dispatcher.worker import KafkaWorker
 
 log = structlog.get_logger(__name__)
@@ -53,6 +58,14 @@ class Daemon:
     started: asyncio.Event = field(default_factory=asyncio.Event)
     cache: SubscriptionCache = field(default_factory=SubscriptionCache)
     workers: list[KafkaWorker] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    notifier: Notifier = field(default_factory=Notifier)
+    sender: Sender | None = None
+    scheduler: RetryScheduler | None = None
+    batcher: ImportBatcher | None = None
+    event_worker: EventWorker | None = None
+    retry_worker: RetryWorker | None = None
+    notice_worker: NoticeWorker | None = None
     http_port: int | None = None  # the bound port, once started
     _pool: asyncpg.Pool | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # loops with no end
@@ -94,6 +107,9 @@ class Daemon:
                         await self._start_consumers(group, stack, the_catalog, http)
                 self.started.set()
                 log.info("daemon_started", role=self.role, http_port=self.http_port)
+                self.notifier.ready()
+                if self.notifier.watchdog_interval:
+                    self._background(group, self._watchdog(), "systemd-watchdog")
                 group.create_task(self._shutdown_when_stopped())
         log.info("daemon_stopped")
 
@@ -108,6 +124,8 @@ class Daemon:
             app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self.metrics.watch(self)
         return app
 
     async def _start_consumers(
@@ -118,7 +136,8 @@ class Daemon:
         http: HttpClient,
     ) -> None:
         s = self.settings
-        await ensure_internal_topics(s)
+        if not await self._retry_kafka("create internal topics", lambda: ensure_internal_topics(s)):
+            return
         producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
             acks="all",
@@ -126,18 +145,20 @@ class Daemon:
             linger_ms=5,
             client_id="webhook-dispatcher",
         )
-        await producer.start()
+        if not await self._retry_kafka("start the producer", producer.start):
+            return
         stack.push_async_callback(producer.stop)
-        scheduler = RetryScheduler(producer, s, self.clock)
-        sender = Sender(
+        scheduler = self.scheduler = RetryScheduler(producer, s, self.clock)
+        sender = self.sender = Sender(
             http,
             scheduler,
             max_in_flight=s.max_in_flight,
             max_in_flight_per_endpoint=s.max_in_flight_per_endpoint,
             clock=self.clock,
+            metrics=self.metrics,
         )
         if self.role in ("all", "dispatch"):
-            batcher = ImportBatcher(
+            batcher = self.batcher = ImportBatcher(
                 sender,
                 batch_size=s.import_batch_size,
                 linger=s.import_linger_seconds,
@@ -146,23 +167,41 @@ class Daemon:
             stack.push_async_callback(batcher.close)
             self._background(group, batcher.run(), "import-linger")
             consumer = _consumer(s, s.consumer_group)
-            worker: KafkaWorker = EventWorker(
+            events = self.event_worker = EventWorker(
                 consumer, producer, sender, self.cache, the_catalog, batcher, s
             )
-            consumer.subscribe(list(s.event_topics), listener=worker.listener())
-            await self._start_worker(group, worker)
+            consumer.subscribe(list(s.event_topics), listener=events.listener())
+            await self._start_worker(group, events)
         if self.role in ("all", "retry"):
             consumer = _consumer(s, f"{s.consumer_group}-retries")
-            worker = RetryWorker(consumer, sender, self.cache, s, self.clock)
-            consumer.subscribe([s.retry_topic], listener=worker.listener())
-            await self._start_worker(group, worker)
+            retries = self.retry_worker = RetryWorker(consumer, sender, self.cache, s, self.clock)
+            consumer.subscribe([s.retry_topic], listener=retries.listener())
+            await self._start_worker(group, retries)
             consumer = _consumer(s, f"{s.consumer_group}-notices", max_poll_interval_ms=86_400_000)
-            worker = NoticeWorker(consumer, s)
-            consumer.subscribe([s.notice_topic], listener=worker.listener())
-            await self._start_worker(group, worker)
+            notices = self.notice_worker = NoticeWorker(consumer, s)
+            consumer.subscribe([s.notice_topic], listener=notices.listener())
+            await self._start_worker(group, notices)
+
+    async def _retry_kafka(self, what: str, attempt: Callable[[], Awaitable[None]]) -> bool:
+        """Retry ``attempt`` with backoff while Kafka is unreachable (not ready meanwhile).
+
+        False when the daemon was told to stop before Kafka answered.
+        """
+        backoff = 0.5
+        while True:
+            try:
+                await attempt()
+                return True
+            except KafkaError as exc:
+                if self.stop.is_set():
+                    return False
+                log.warning("kafka_unreachable", doing=what, error=repr(exc), retry_in_s=backoff)
+                await self._wait_or_stop(asyncio.sleep(backoff))  # backoff, not coordination
+                backoff = min(backoff * 2, 30.0)
 
     async def _start_worker(self, group: asyncio.TaskGroup, worker: KafkaWorker) -> None:
-        await worker.consumer.start()
+        if not await self._retry_kafka(f"start the {worker.name} consumer", worker.consumer.start):
+            return
         self.workers.append(worker)
         self._worker_tasks.append(group.create_task(worker.run(self.stop), name=worker.name))
 
@@ -176,8 +215,20 @@ class Daemon:
         waiter.cancel()
         stopping.cancel()
 
+    async def _watchdog(self) -> None:
+        """Feeds systemd's watchdog while every loop runs; a dead loop starves it."""
+        interval = self.notifier.watchdog_interval or 1.0
+        while True:
+            if not self._dead_loops():
+                self.notifier.watchdog()
+            await asyncio.sleep(interval)  # a timer: systemd asks for a beat this often
+
+    def _dead_loops(self) -> list[str]:
+        return [t.get_name() for t in (*self._tasks, *self._worker_tasks) if t.done()]
+
     async def _shutdown_when_stopped(self) -> None:
         await self.stop.wait()
+        self.notifier.stopping()
         log.info("daemon_stopping", drain_timeout_s=self.settings.drain_timeout_seconds)
         # The workers see the same event and drain by themselves; the background loops
         # (cache sync, import linger) have no end of their own.
@@ -188,8 +239,15 @@ class Daemon:
 
     # --- health -------------------------------------------------------------------------
 
+    def event_counts(self) -> dict[str, int]:
+        return dict(self.event_worker.counts) if self.event_worker else {}
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     async def _healthz(self, _request: web.Request) -> web.Response:
-        dead = [t.get_name() for t in (*self._tasks, *self._worker_tasks) if t.done()]
+        dead = self._dead_loops()
         checks = {"loops": "ok" if not dead else f"stopped: {', '.join(dead)}"}
         return _health(checks)
 
@@ -200,11 +258,10 @@ class Daemon:
         if self.consumes:
             checks["cache"] = "ok" if self.cache.warm.is_set() else "loading"
             unassigned = [w.name for w in self.workers if not w.assigned.is_set()]
-            checks["kafka"] = (
-                "ok"
-                if self.workers and not unassigned
-                else f"not assigned: {', '.join(unassigned) or 'starting'}"
-            )
+            if not self.workers or unassigned:
+                checks["kafka"] = f"not assigned: {', '.join(unassigned) or 'starting'}"
+            else:
+                checks["kafka"] = await _kafka_check(self.settings.kafka_bootstrap)
         checks["database"] = await self._database_check()
         return _health(checks)
 
@@ -219,10 +276,26 @@ class Daemon:
         return "ok"
 
 
+async def _kafka_check(bootstrap: str) -> str:
+    """ "ok" if a bootstrap broker accepts a TCP connection within a second."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            async with asyncio.timeout(1):
+                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+        except (OSError, TimeoutError, ValueError):
+            continue
+        writer.close()
+        return "ok"
+    return "unreachable"
+
+
 def _health(checks: dict[str, str]) -> web.Response:
     ok = all(v == "ok" for v in checks.values())
-    return web.json_response(
-        {"status": "ok" if ok else "fail", "checks": checks}, status=200 if ok else 503
+    return web.Response(
+        body=orjson.dumps({"status": "ok" if ok else "fail", "checks": checks}),
+        status=200 if ok else 503,
+        content_type="application/json",
     )
 
 

@@ -15,6 +15,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from dispatcher import durable
 from dispatcher.cache import SubscriptionCache
 from dispatcher.catalog import Catalog
 from dispatcher.events import Event, InvalidEvent, decode
@@ -65,7 +66,7 @@ class EventWorker(KafkaWorker):
             try:
                 event = decode(record.value)
             except InvalidEvent as exc:
-                self.counts["dead_lettered"] += 1
+                self.counts[f"dead_letter_{exc.kind}"] += 1
                 await self.track(tp, record.offset, self._dead_letter(record, exc.reason))
                 continue
             await self._route(tp, record.offset, event)
@@ -120,10 +121,9 @@ class EventWorker(KafkaWorker):
             (REASON_HEADER, reason.encode("utf-8")),
             (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
-        ack = await self._producer.send(
-            self._dead_letter_topic, value=record.value, key=record.key, headers=headers
+        await durable.send(
+            self._producer, self._dead_letter_topic, record.value, key=record.key, headers=headers
         )
-        await ack
 
     async def drain(self, within: float, partitions: Any = None) -> None:
         self._batcher.flush_all()  # open batches hold offsets: send them before waiting

@@ -22,9 +22,10 @@ _UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 class InvalidEvent(ValueError):
     """The message is not an event of the contract; ``reason`` says why, in one line."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "field") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind  # json, shape or field: a bounded label for metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +62,13 @@ def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str | N
 def decode(raw: bytes | None) -> Event:
     """Decode and validate one Kafka message value."""
     if raw is None:
-        raise InvalidEvent("the message has no value (tombstone)")
+        raise InvalidEvent("the message has no value (tombstone)", "shape")
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(f"not valid JSON: {exc}") from None
+        raise InvalidEvent(f"not valid JSON: {exc}", "json") from None
     if not isinstance(data, dict):
-        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
+        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}", "shape")
 
     event_id = _text(data, "event_id")
     assert event_id is not None

@@ -23,6 +23,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from dispatcher import durable
 from dispatcher.cache import SubscriptionCache
 from dispatcher.delivery import Outcome
 from dispatcher.notices import Notice
@@ -96,14 +97,13 @@ class RetryScheduler:
         now = self._clock()
         final = n_retry >= s.max_retries
         key = str(webhook.id).encode()
-        waits = []
         next_at: str | None = None
+        record: RetryRecord | None = None
         if not final:
             delay = max(s.retry_delay_seconds, outcome.retry_after or 0.0)
             due_ms = int((now + delay) * 1000)
             next_at = iso_millis(datetime.fromtimestamp(due_ms / 1000, UTC))
             record = RetryRecord(notification, n_retry + 1, due_ms, outcome.detail)
-            waits.append(await self._producer.send(s.retry_topic, record.encode(), key=key))
         notice = Notice(
             notice_id=Notice.make_id(notification.notification_uuid, n_retry),
             to=webhook.email,
@@ -122,8 +122,11 @@ class RetryScheduler:
             next_attempt_at=next_at,
             request_body=body.decode("utf-8", "replace"),
         )
-        waits.append(await self._producer.send(s.notice_topic, notice.encode(), key=key))
-        await asyncio.gather(*waits)  # acked by all in-sync replicas before we return
+        # Both acked by all in-sync replicas before the source offset may commit.
+        sends = [durable.send(self._producer, s.notice_topic, notice.encode(), key=key)]
+        if record is not None:
+            sends.append(durable.send(self._producer, s.retry_topic, record.encode(), key=key))
+        await asyncio.gather(*sends)
         if final:
             self.exhausted += 1
             log.warning(

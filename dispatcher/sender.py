@@ -18,6 +18,7 @@ from yarl import URL
 
 from dispatcher import signing
 from dispatcher.delivery import HttpClient, Outcome
+from dispatcher.metrics import Metrics
 from dispatcher.notification import Notification
 from dispatcher.store import Webhook
 
@@ -58,8 +59,10 @@ class Sender:
         max_in_flight: int,
         max_in_flight_per_endpoint: int,
         clock: Clock,
+        metrics: Metrics | None = None,
     ) -> None:
         self._http = http
+        self._metrics = metrics
         self._failures = failures
         self._global = asyncio.Semaphore(max_in_flight)
         self._per_endpoint = max_in_flight_per_endpoint
@@ -87,6 +90,8 @@ class Sender:
             if gate.users == 0:
                 del self._gates[endpoint]
         _log_attempt(webhook, notification, n_retry, outcome)
+        if self._metrics is not None:
+            self._metrics.observe(outcome.label, outcome.duration_ms)
         if not outcome.ok:
             await self._failures.failed(webhook, notification, n_retry, body, outcome)
         return outcome

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from dispatcher.offsets import PartitionOffsets
@@ -49,6 +50,7 @@ class KafkaWorker:
         self._failed = asyncio.Event()
         self._last_commit = time.monotonic()
         self.assigned = asyncio.Event()
+        self.lag: dict[TopicPartition, int] = {}  # records behind the partition's end
 
     # --- for subclasses -----------------------------------------------------------------
 
@@ -109,6 +111,7 @@ class KafkaWorker:
                     fetch.cancel()
                     break
                 for tp, records in fetch.result().items():
+                    self._note_lag(tp, records[-1].offset)
                     await self.process(tp, records)
                     self._raise_failure()
                 await self.commit(force=False)
@@ -159,18 +162,22 @@ class KafkaWorker:
                 to_commit[tp] = offset
         if not to_commit:
             return
-        await self.consumer.commit({tp: OffsetAndMetadata(o, "") for tp, o in to_commit.items()})
+        try:
+            await self.consumer.commit(
+                {tp: OffsetAndMetadata(o, "") for tp, o in to_commit.items()}
+            )
+        except KafkaError as exc:  # tried again at the next commit; at worst re-delivered
+            log.warning(f"{self.name}_commit_failed", error=repr(exc))
+            return
         for tp, offset in to_commit.items():
             self._offsets[tp].committed(offset)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         await self.drain(self._drain_timeout, revoked)
-        try:
-            await self.commit(force=True, partitions=revoked)
-        except Exception as exc:  # the group moved on; the next owner re-reads: at-least-once
-            log.warning(f"{self.name}_revoke_commit_failed", error=str(exc))
+        await self.commit(force=True, partitions=revoked)
         for tp in revoked:
             self._offsets.pop(tp, None)
+            self.lag.pop(tp, None)
         log.info(f"{self.name}_partitions_revoked", partitions=_names(revoked))
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -196,6 +203,11 @@ class KafkaWorker:
             offsets = self._offsets.get(tp)
             if offsets is not None:  # None: the partition was revoked meanwhile
                 offsets.done(offset)
+
+    def _note_lag(self, tp: TopicPartition, last_offset: int) -> None:
+        end = self.consumer.highwater(tp)
+        if end is not None:
+            self.lag[tp] = max(0, end - last_offset - 1)
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

@@ -399,9 +399,7 @@ async def produce(producer: AIOKafkaProducer, topic: str, *events: dict[str, Any
     import orjson
 
     acks = [
-        await producer.send(
-            topic, orjson.dumps(e), key=str(e.get("environment_id", "")).encode()
-        )
+        await producer.send(topic, orjson.dumps(e), key=str(e.get("environment_id", "")).encode())
         for e in events
     ]
     await asyncio.gather(*acks)

@@ -45,7 +45,7 @@ def test_migrate_command_is_idempotent(empty_database: str) -> None:
     """`dispatcher migrate` succeeds on an empty database and again on a migrated one."""
     env = {**os.environ, "DISPATCHER_DATABASE_URL": empty_database, "DISPATCHER_LOG_FORMAT": "json"}
     for _ in range(2):
-        result = subprocess.run(  # noqa: S603 - our own command
+        result = subprocess.run(
             [sys.executable, "-m", "dispatcher", "migrate"],
             env=env, capture_output=True, timeout=WAIT, check=False,
         )  # fmt: skip
@@ -56,7 +56,7 @@ def test_migrate_command_is_idempotent(empty_database: str) -> None:
 def test_unreachable_database_is_one_clear_line() -> None:
     """A database that does not answer gives one line saying where it tried."""
     env = {**os.environ, "DISPATCHER_DATABASE_URL": "postgresql://x@127.0.0.1:1/none"}
-    result = subprocess.run(  # noqa: S603 - our own command
+    result = subprocess.run(
         [sys.executable, "-m", "dispatcher", "migrate"],
         env=env, capture_output=True, timeout=WAIT, check=False,
     )  # fmt: skip

@@ -172,9 +172,7 @@ async def test_sigkill_mid_stream_then_restart_loses_no_event(
     ids_by_entity: dict[str, set[str]] = {}
     for r in receiver.requests:
         body = r.json()
-        ids_by_entity.setdefault(body["entities"][0]["uuid"], set()).add(
-            body["notification_uuid"]
-        )
+        ids_by_entity.setdefault(body["entities"][0]["uuid"], set()).add(body["notification_uuid"])
     assert all(len(ids) == 1 for ids in ids_by_entity.values())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from email.message import Message
@@ -95,7 +96,7 @@ async def test_failing_endpoint_gets_exactly_one_plus_max_retries_attempts_and_a
     bodies = [r.json() for r in requests]
     assert [b["nRetry"] for b in bodies] == [0, 1, 2, 3]
     assert len({b["notification_uuid"] for b in bodies}) == 1
-    for before, after in zip(requests, requests[1:], strict=False):
+    for before, after in itertools.pairwise(requests):
         assert after.at - before.at >= DELAY * 0.99
     mails = await mailbox.wait_for(4)
     await running.stop()  # drains: any fifth attempt would have been made by now
@@ -238,4 +239,3 @@ async def test_retry_after_longer_than_the_delay_is_honoured(
     await produce(producer, retry_settings.event_topics[0], make_event(shop))
     first, second = await receiver.wait_for(2)
     assert second.at - first.at >= 3.0 * 0.99
-

@@ -180,7 +180,7 @@ def test_operators_can_replace_the_catalog(tmp_path: Path) -> None:
     assert catalog.load(str(good)).allows("vouchers", "USED")
     bad = tmp_path / "bad.json"
     bad.write_text('{"vouchers": {"events": []}}')
-    with pytest.raises(catalog.CatalogError, match="bad.json: entity 'vouchers'"):
+    with pytest.raises(catalog.CatalogError, match=r"bad\.json: entity 'vouchers'"):
         catalog.load(str(bad))
 
 
@@ -216,9 +216,7 @@ def test_signature_verifies_with_the_standard_webhooks_library() -> None:
         ("2001:4860:4860::8888", False),
     ],
 )
-def test_private_loopback_and_link_local_addresses_are_blocked(
-    address: str, blocked: bool
-) -> None:
+def test_private_loopback_and_link_local_addresses_are_blocked(address: str, blocked: bool) -> None:
     """Webhooks may only reach globally routable addresses."""
     assert is_blocked(address, ()) is blocked
 

@@ -1,0 +1,41 @@
+"""Producing records that must not be lost: retried with backoff until Kafka acks them.
+
+Used for what stands between a failed attempt and its commit (retry records, notices,
+dead letters): while Kafka is unreachable the work waits and the source offset stays
+uncommitted, so a stop in the meantime loses nothing; the record is consumed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+log = structlog.get_logger(__name__)
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+async def send(
+    producer: AIOKafkaProducer,
+    topic: str,
+    value: bytes | None,
+    *,
+    key: bytes | None = None,
+    headers: Headers | None = None,
+    backoff_max: float = 30.0,
+) -> None:
+    """Produce one record and wait for its ack, retrying on Kafka errors with backoff."""
+    backoff = 0.5
+    while True:
+        try:
+            ack = await producer.send(topic, value, key=key, headers=list(headers or ()))
+            await ack
+            return
+        except KafkaError as exc:
+            log.warning("produce_failed", topic=topic, error=repr(exc), retry_in_s=backoff)
+            await asyncio.sleep(backoff)  # backoff while Kafka is unreachable
+            backoff = min(backoff * 2, backoff_max)

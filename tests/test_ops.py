@@ -1,0 +1,145 @@
+"""What operators watch: /metrics, /healthz, /readyz and systemd's notify protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from dispatcher.metrics import Metrics
+from dispatcher.settings import Settings
+from dispatcher.store import Principal, Store
+from tests.conftest import WAIT, Receiver, Running, make_event, produce
+from tests.test_process import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+StartDaemon = Callable[..., Awaitable[Running]]
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)"
+    match = re.search(r"^" + pattern + r"$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.text()
+
+
+async def test_metrics_count_the_deliveries_that_happened(
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver: Receiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """After 5 deliveries and 2 bad messages, /metrics says so."""
+    await store.create_webhook(
+        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
+    )
+    running = await start_daemon(isolated_settings)
+    metrics_url = running.base_url + "/metrics"
+    _, before = await get(metrics_url)
+    assert sample(before, "webhook_deliveries_total", 'outcome="200"') == 0
+    assert sample(before, "webhook_subscriptions_cached") == 1
+
+    topic = isolated_settings.event_topics[0]
+    await (await producer.send(topic, b"{broken"))
+    await (await producer.send(topic, b"[]"))
+    await produce(producer, topic, *[make_event(shop) for _ in range(5)])
+    await produce(producer, topic, make_event(shop, event_type="UPDATED"))  # unmatched
+    await receiver.wait_for(5)
+    async with asyncio.timeout(WAIT):
+        while True:
+            _, text = await get(metrics_url)
+            if sample(text, "webhook_events_consumed_total") == 8:
+                break
+            await asyncio.sleep(0.05)  # polling the endpoint with a deadline
+    assert sample(text, "webhook_deliveries_total", 'outcome="200"') == 5
+    assert sample(text, "webhook_delivery_duration_seconds_count") == 5
+    assert sample(text, "webhook_dead_letters_total", 'reason="json"') == 1
+    assert sample(text, "webhook_dead_letters_total", 'reason="shape"') == 1
+    assert sample(text, "webhook_events_skipped_total", 'reason="unmatched"') == 1
+    assert sample(text, "webhook_deliveries_in_flight") == 0
+    assert shop.environment_id not in text and receiver.url not in text
+
+
+async def test_health_and_readiness_report_each_check(
+    isolated_settings: Settings, start_daemon: StartDaemon
+) -> None:
+    """/healthz and /readyz answer 200 with the checks that passed."""
+    running = await start_daemon(isolated_settings)
+    status, body = await get(running.base_url + "/healthz")
+    assert status == 200 and '"loops":"ok"' in body
+    status, body = await get(running.base_url + "/readyz")
+    assert status == 200
+    for check in ('"cache":"ok"', '"kafka":"ok"', '"database":"ok"'):
+        assert check in body
+
+
+async def test_readiness_fails_while_the_database_is_unreachable(
+    isolated_settings: Settings, start_daemon: StartDaemon
+) -> None:
+    """A daemon whose database went away is not ready, and says which check failed."""
+    running = await start_daemon(isolated_settings)
+    assert running.daemon._pool is not None
+    await running.daemon._pool.close()  # the pool is gone as if the server were
+    status, body = await get(running.base_url + "/readyz")
+    assert status == 503
+    assert '"database":"unreachable' in body
+
+
+def test_every_registered_metric_is_documented() -> None:
+    """docs/operations.md lists each metric the code registers."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    names = {m.name for m in Metrics().registry.collect()}
+    from dispatcher.daemon import Daemon
+
+    daemon = Daemon(Settings.from_env({}))
+    daemon.metrics.watch(daemon)
+    names |= {m.name for m in daemon.metrics.registry.collect()}
+    counters = {"webhook_deliveries", "webhook_events_consumed"}
+    assert counters <= names
+    for name in names:
+        assert f"`{name}" in doc, name
+
+
+async def test_daemon_tells_systemd_it_is_ready(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
+    """Under systemd (NOTIFY_SOCKET set) the daemon sends READY=1 once it is ready."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(WAIT)
+    env = {**environment(isolated_settings), "NOTIFY_SOCKET": path}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher", "run"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        message = await asyncio.to_thread(sock.recv, 1024)
+        assert b"READY=1" in message.split(b"\n")
+        port = env["DISPATCHER_HTTP_PORT"]
+        status, _ = await get(f"http://127.0.0.1:{port}/readyz")
+        assert status == 200
+        process.terminate()
+        message = await asyncio.to_thread(sock.recv, 1024)
+        assert message == b"STOPPING=1"
+        assert await asyncio.to_thread(process.wait, WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        sock.close()
+        os.unlink(path)
