@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import html
 import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -64,64 +65,86 @@ class Notice:
         return str(uuid.uuid5(uuid.UUID(notification_uuid), f"notice/{n_retry}"))
 
 
-def render(notice: Notice, sender: str) -> EmailMessage:
-    """The email of a notice: plain text and HTML alternatives."""
-    attempt = f"attempt {notice.n_retry + 1} of {notice.max_retries + 1}"
-    what = f"{notice.entity_name} {notice.event_type}"
-    if notice.final:
-        subject = f"Webhook delivery failed, retry limit reached: {what} to {notice.url}"
-        future = "This message reached the retry limit and will not be sent again."
-    else:
-        subject = f"Webhook delivery failed ({attempt}): {what} to {notice.url}"
-        future = f"The next attempt is due at {notice.next_attempt_at}."
-    lines = [
-        "A webhook request got an error.",
-        "",
-        f"Webhook:      {notice.webhook_id}",
-        f"URL:          {notice.url}",
-        f"Entity/event: {what}",
-        f"Notification: {notice.notification_uuid}",
-        f"Attempt:      {attempt} (nRetry {notice.n_retry})",
-        f"Failed at:    {notice.failed_at}",
-        f"What happened: {notice.error}",
+def _facts(notice: Notice) -> list[tuple[str, str]]:
+    """The facts of one failed attempt, as (label, value) rows."""
+    attempt = f"{notice.n_retry + 1} of {notice.max_retries + 1} (nRetry {notice.n_retry})"
+    rows = [
+        ("Notification", notice.notification_uuid),
+        ("Attempt", attempt),
+        ("Failed at", notice.failed_at),
+        ("What happened", notice.error),
+        ("Response body (start)", notice.response_head),
     ]
-    if notice.response_head:
-        lines.append(f"Response body (start): {notice.response_head}")
-    lines += ["", future, "", "Request body:", notice.request_body, ""]
-    text = "\n".join(lines)
+    return [(k, v) for k, v in rows if v]
 
-    rows = "".join(
-        f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-        for k, v in (
-            ("Webhook", notice.webhook_id),
-            ("URL", notice.url),
-            ("Entity/event", what),
-            ("Notification", notice.notification_uuid),
-            ("Attempt", f"{attempt} (nRetry {notice.n_retry})"),
-            ("Failed at", notice.failed_at),
-            ("What happened", notice.error),
-            ("Response body (start)", notice.response_head),
+
+def _future(notice: Notice) -> str:
+    if notice.final:
+        return "This message reached the retry limit and will not be sent again."
+    return f"The next attempt is due at {notice.next_attempt_at}."
+
+
+def render(notices: Sequence[Notice], sender: str) -> EmailMessage:
+    """One email for one failed attempt, or a digest of one webhook's failed attempts.
+
+    Plain text and HTML alternatives; each failure lists its request body. Never the
+    webhook's secret: a notice does not carry it.
+    """
+    first = notices[0]
+    what = f"{first.entity_name} {first.event_type}"
+    finals = sum(n.final for n in notices)
+    if len(notices) == 1:
+        attempt = f"attempt {first.n_retry + 1} of {first.max_retries + 1}"
+        subject = (
+            f"Webhook delivery failed, retry limit reached: {what} to {first.url}"
+            if first.final
+            else f"Webhook delivery failed ({attempt}): {what} to {first.url}"
         )
-        if v
+        intro = "A webhook request got an error."
+    else:
+        limit = f", retry limit reached for {finals}" if finals else ""
+        subject = f"Webhook delivery failed {len(notices)} times{limit}: {what} to {first.url}"
+        intro = f"{len(notices)} webhook requests got an error."
+    header = [("Webhook", first.webhook_id), ("URL", first.url), ("Entity/event", what)]
+
+    lines = [intro, ""] + [f"{k}: {v}" for k, v in header]
+    for n in notices:
+        lines += ["", "-" * 60]
+        lines += [f"{k}: {v}" for k, v in _facts(n)]
+        lines += ["", _future(n), "", "Request body:", n.request_body]
+    text = "\n".join(lines) + "\n"
+
+    def table(rows: list[tuple[str, str]]) -> str:
+        cells = "".join(
+            f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        return f"<table>{cells}</table>"
+
+    sections = "".join(
+        f"<hr>{table(_facts(n))}<p><strong>{html.escape(_future(n))}</strong></p>"
+        f"<p>Request body:</p><pre>{html.escape(n.request_body)}</pre>"
+        for n in notices
     )
-    body_html = (
-        f"<html><body><p>A webhook request got an error.</p><table>{rows}</table>"
-        f"<p><strong>{html.escape(future)}</strong></p><p>Request body:</p>"
-        f"<pre>{html.escape(notice.request_body)}</pre></body></html>"
-    )
+    body_html = f"<html><body><p>{html.escape(intro)}</p>{table(header)}{sections}</body></html>"
+
     message = EmailMessage()
     message["From"] = sender
-    message["To"] = notice.to
+    message["To"] = first.to
     message["Subject"] = subject
-    message["Message-ID"] = make_msgid(idstring=notice.notice_id)
-    message["X-Webhook-Notice-Id"] = notice.notice_id
+    message["Message-ID"] = make_msgid(idstring=first.notice_id)
+    message["X-Webhook-Notice-Id"] = ", ".join(n.notice_id for n in notices)
     message.set_content(text)
     message.add_alternative(body_html, subtype="html")
     return message
 
 
 class NoticeWorker(KafkaWorker):
-    """Sends notices in order per partition; retries SMTP with backoff, loses none."""
+    """Sends notices in order per partition; retries SMTP with backoff, loses none.
+
+    With ``DISPATCHER_NOTICE_DIGEST_SECONDS`` > 0, one webhook's notices of that window
+    go out as one digest mail; their offsets finish when the digest is sent.
+    """
 
     name = "notices"
 
@@ -131,6 +154,7 @@ class NoticeWorker(KafkaWorker):
         super().__init__(consumer, max_pending=1, drain_timeout=settings.drain_timeout_seconds)
         self._settings = settings
         self._backoff_max = backoff_max
+        self._digests: dict[str, tuple[list[Notice], asyncio.Task[None]]] = {}
         self.sent = 0
         self.failed = 0
 
@@ -142,18 +166,36 @@ class NoticeWorker(KafkaWorker):
                 log.error("notice_malformed", error=str(exc), offset=record.offset)
                 await self.track(tp, record.offset, None)
                 continue
-            await self.track(tp, record.offset, self._send_until_done(notice))
+            if self._settings.notice_digest_seconds > 0:
+                await self.track(tp, record.offset, self._digest(notice), bounded=False)
+            else:
+                await self.track(tp, record.offset, self._send_until_done([notice]))
 
-    async def _send_until_done(self, notice: Notice) -> None:
+    def _digest(self, notice: Notice) -> asyncio.Task[None]:
+        """The digest task this notice joins (started with the window's first notice)."""
+        entry = self._digests.get(notice.webhook_id)
+        if entry is None:
+            pending: list[Notice] = []
+            task = asyncio.ensure_future(self._send_digest(notice.webhook_id, pending))
+            entry = self._digests[notice.webhook_id] = (pending, task)
+        entry[0].append(notice)
+        return entry[1]
+
+    async def _send_digest(self, webhook_id: str, pending: list[Notice]) -> None:
+        await asyncio.sleep(self._settings.notice_digest_seconds)  # the digest window
+        del self._digests[webhook_id]
+        await self._send_until_done(pending)
+
+    async def _send_until_done(self, notices: list[Notice]) -> None:
         backoff = 0.5
         while True:
             try:
-                await self._send(notice)
+                await self._send(notices)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 self.failed += 1
                 log.warning(
                     "notice_send_failed",
-                    notice_id=notice.notice_id,
+                    notice_ids=[n.notice_id for n in notices],
                     error=str(exc),
                     retry_in_s=backoff,
                 )
@@ -163,17 +205,16 @@ class NoticeWorker(KafkaWorker):
             self.sent += 1
             log.info(
                 "notice_sent",
-                notice_id=notice.notice_id,
-                webhook_id=notice.webhook_id,
-                n_retry=notice.n_retry,
-                final=notice.final,
+                notice_ids=[n.notice_id for n in notices],
+                webhook_id=notices[0].webhook_id,
+                final=any(n.final for n in notices),
             )
             return
 
-    async def _send(self, notice: Notice) -> None:
+    async def _send(self, notices: list[Notice]) -> None:
         s = self._settings
         await aiosmtplib.send(
-            render(notice, s.smtp_sender),
+            render(notices, s.smtp_sender),
             hostname=s.smtp_host,
             port=s.smtp_port,
             username=s.smtp_user or None,

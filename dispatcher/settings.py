@@ -178,6 +178,11 @@ class Settings:
     notice_topic: str = _setting(
         "webhook-notices", _topic, "Topic queueing failure notices until they are mailed."
     )
+    notice_digest_seconds: float = _setting(
+        0.0,
+        _seconds(allow_zero=True),
+        "0: one mail per failed attempt; N: one digest mail per webhook per N seconds.",
+    )
     retry_delay_seconds: float = _setting(
         900.0, _seconds(), "Delay between a failed attempt and the next one."
     )

@@ -106,7 +106,7 @@ async def test_failing_endpoint_gets_exactly_one_plus_max_retries_attempts_and_a
         assert mail["To"] == "dev@shop.test"
         text = text_of(mail)
         assert webhook.url in text
-        assert f"attempt {n + 1} of 4" in text
+        assert f"Attempt: {n + 1} of 4 (nRetry {n})" in text
         assert "HTTP 500" in text and "database on fire" in text
         assert bodies[0]["notification_uuid"] in text  # the request body is in the mail
         assert f'"nRetry":{n}' in text
@@ -239,3 +239,33 @@ async def test_retry_after_longer_than_the_delay_is_honoured(
     await produce(producer, retry_settings.event_topics[0], make_event(shop))
     first, second = await receiver.wait_for(2)
     assert second.at - first.at >= 3.0 * 0.99
+
+
+async def test_digest_groups_a_webhooks_failures_into_one_mail_with_every_body(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    mailbox: Mailbox,
+) -> None:
+    """With a digest window, four failed attempts of one webhook make one mail listing all."""
+    receiver = await receiver_factory(responder=failing_then(None))
+    await subscribe(store, shop, receiver)
+    settings = replace(
+        retry_settings, max_retries=1, retry_delay_seconds=0.5, notice_digest_seconds=3.0
+    )
+    running = await start_daemon(settings)
+    events = [make_event(shop), make_event(shop)]
+    await produce(producer, settings.event_topics[0], *events)
+
+    await receiver.wait_for(4)
+    (mail,) = await mailbox.wait_for(1)
+    await running.stop()
+    assert len(mailbox.messages) == 1
+    assert "failed 4 times, retry limit reached for 2" in mail["Subject"]
+    text = text_of(mail)
+    assert text.count("Request body:") == 4
+    for event in events:
+        assert event["entity"]["uuid"] in text

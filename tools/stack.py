@@ -1160,9 +1160,13 @@ async def ensure_up(service: Service) -> None:
     say(service.name, f"up in {elapsed:.1f}s (pid {service.pid()})  {service.endpoint()} {note}")
 
 
-def services(cfg: Config) -> list[Service]:
-    """The stack, in display order."""
-    return [Kafka(cfg), Postgres(cfg), Smtp(cfg)]
+SERVICE_NAMES = ("kafka", "postgres", "smtp")
+
+
+def services(cfg: Config, only: Sequence[str] = ()) -> list[Service]:
+    """The stack (or the services named in ``only``), in display order."""
+    stack: list[Service] = [Kafka(cfg), Postgres(cfg), Smtp(cfg)]
+    return [s for s in stack if not only or s.name in only]
 
 
 def report_failures(names: list[str], results: list[BaseException | None]) -> int:
@@ -1182,7 +1186,7 @@ async def gather_errors(*coros: Awaitable[None]) -> list[BaseException | None]:
     return [r if isinstance(r, BaseException) else None for r in results]
 
 
-async def cmd_up(cfg: Config) -> int:
+async def cmd_up(cfg: Config, only: Sequence[str] = ()) -> int:
     """Start every service that is not running and wait until all are ready."""
     started = time.monotonic()
     cfg.create_dirs()
@@ -1191,7 +1195,7 @@ async def cmd_up(cfg: Config) -> int:
     except StackError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
-    stack = services(cfg)
+    stack = services(cfg, only)
     results = await gather_errors(*(ensure_up(s) for s in stack))
     code = report_failures([s.name for s in stack], results)
     print(f"\nlogs:  {cfg.logs}/{{kafka,postgres,smtp}}.log\nmails: {cfg.mail}/")
@@ -1214,12 +1218,12 @@ async def stop_one(service: Service) -> None:
     say(service.name, f"stopped (pid {pid}) in {time.monotonic() - started:.1f}s")
 
 
-async def cmd_down(cfg: Config) -> int:
+async def cmd_down(cfg: Config, only: Sequence[str] = ()) -> int:
     """Stop every service (a no-op for those not running)."""
     if not cfg.state.is_dir():
         print(f"stack: nothing to stop ({cfg.state} does not exist)")
         return 0
-    stack = services(cfg)
+    stack = services(cfg, only)
     results = await gather_errors(*(stop_one(s) for s in stack))
     return report_failures([s.name for s in stack], results)
 
@@ -1247,12 +1251,12 @@ async def cmd_status(cfg: Config) -> int:
     return 0 if all(states) else 1
 
 
-async def dispatch(command: str, cfg: Config) -> int:
-    """Run one sub-command."""
+async def dispatch(command: str, cfg: Config, only: Sequence[str] = ()) -> int:
+    """Run one sub-command (up and down on the services in ``only``, or all)."""
     if command == "status":
         return await cmd_status(cfg)
     with stack_lock(cfg):
-        return await (cmd_up(cfg) if command == "up" else cmd_down(cfg))
+        return await (cmd_up(cfg, only) if command == "up" else cmd_down(cfg, only))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1262,10 +1266,17 @@ def main(argv: list[str] | None = None) -> int:
         epilog="See the module docstring of tools/stack.py for the environment variables.",
     )
     parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument(
+        "services",
+        nargs="*",
+        choices=[[], *SERVICE_NAMES],
+        metavar="SERVICE",
+        help=f"with up or down: only these ({', '.join(SERVICE_NAMES)}); default all",
+    )
     args = parser.parse_args(argv)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # probes fail while starting
     try:
-        return asyncio.run(dispatch(args.command, Config.from_env()))
+        return asyncio.run(dispatch(args.command, Config.from_env(), tuple(args.services)))
     except StackError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
