@@ -25,7 +25,7 @@ import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher import __version__, catalog, db
@@ -80,6 +80,8 @@ class Daemon:
         log.info("daemon_starting", version=__version__, role=self.role, settings=s.redacted())
         try:
             await self._run()
+        except (db.DatabaseError, catalog.CatalogError):
+            raise  # a configuration problem: the command prints it as one line
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
                 log.exception("daemon_failed")
@@ -136,7 +138,7 @@ class Daemon:
         http: HttpClient,
     ) -> None:
         s = self.settings
-        if not await self._retry_kafka("create internal topics", lambda: ensure_internal_topics(s)):
+        if not await self._retry_kafka("create missing topics", lambda: ensure_topics(s)):
             return
         producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
@@ -193,6 +195,8 @@ class Daemon:
                 await attempt()
                 return True
             except KafkaError as exc:
+                if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
+                    raise  # not an outage: a bug or a refusal that waiting will not cure
                 if self.stop.is_set():
                     return False
                 log.warning("kafka_unreachable", doing=what, error=repr(exc), retry_in_s=backoff)
@@ -310,30 +314,48 @@ def _consumer(s: Settings, group_id: str, **extra: Any) -> AIOKafkaConsumer:
     )
 
 
-async def ensure_internal_topics(s: Settings) -> None:
-    """Create the retry, notice and dead-letter topics if missing.
+async def ensure_topics(s: Settings) -> None:
+    """Create the topics this daemon needs that are missing.
 
-    They get as many partitions as the first event topic, so retries scale out like events.
+    Internal topics (retry, notice, dead-letter) get as many partitions as the first event
+    topic, so retries scale out like events. An event topic that does not exist yet is
+    created too (with a warning: producers usually own it), with
+    ``MISSING_EVENT_TOPIC_PARTITIONS`` partitions, so a first ``make run`` just works.
+    The replication factor is 3, or the number of brokers if fewer.
     """
     admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        partitions = 1
-        if s.event_topics[0] in existing:
-            described = await admin.describe_topics([s.event_topics[0]])
-            partitions = max(1, len(described[0].get("partitions", [])))
-        wanted = [
-            NewTopic(t, num_partitions=partitions, replication_factor=-1)
-            for t in (s.retry_topic, s.notice_topic, s.dead_letter_topic)
-            if t not in existing
-        ]
-        if wanted:
-            with contextlib.suppress(Exception):  # a concurrent daemon may create them first
-                await admin.create_topics(wanted)
-            log.info("topics_created", topics=[t.name for t in wanted], partitions=partitions)
+        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
+        replicas = min(3, brokers)
+        missing_events = [t for t in s.event_topics if t not in existing]
+        if missing_events:
+            log.warning("event_topics_missing", topics=missing_events, creating=True)
+            await _create(admin, missing_events, MISSING_EVENT_TOPIC_PARTITIONS, replicas)
+        described = await admin.describe_topics([s.event_topics[0]])
+        partitions = max(1, len(described[0].get("partitions", [])))
+        internal = (s.retry_topic, s.notice_topic, s.dead_letter_topic)
+        await _create(admin, [t for t in internal if t not in existing], partitions, replicas)
     finally:
         await admin.close()
+
+
+MISSING_EVENT_TOPIC_PARTITIONS = 6
+
+
+async def _create(
+    admin: AIOKafkaAdminClient, topics: list[str], partitions: int, replicas: int
+) -> None:
+    if not topics:
+        return
+    response = await admin.create_topics(
+        [NewTopic(t, num_partitions=partitions, replication_factor=replicas) for t in topics]
+    )
+    for topic, code, *message in response.topic_errors:
+        if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent daemon was first)
+            raise RuntimeError(f"cannot create Kafka topic {topic}: error {code} {message}")
+    log.info("topics_created", topics=topics, partitions=partitions, replicas=replicas)
 
 
 @contextlib.asynccontextmanager

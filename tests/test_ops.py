@@ -8,11 +8,14 @@ import re
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
@@ -143,3 +146,28 @@ async def test_daemon_tells_systemd_it_is_ready(
             process.kill()
         sock.close()
         os.unlink(path)
+
+
+async def test_missing_internal_topics_are_created_like_the_event_topic(
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    new_topic: Callable[..., Awaitable[str]],
+    kafka_admin: AIOKafkaAdminClient,
+) -> None:
+    """A first start creates the retry, notice and dead-letter topics it needs."""
+    tag = uuid.uuid4().hex[:8]
+    settings = replace(
+        isolated_settings,
+        event_topics=(await new_topic("events", partitions=3),),
+        retry_topic=f"retries-{tag}",
+        notice_topic=f"notices-{tag}",
+        dead_letter_topic=f"dead-{tag}",
+    )
+    internal = [settings.retry_topic, settings.notice_topic, settings.dead_letter_topic]
+    try:
+        await start_daemon(settings)
+        described = await kafka_admin.describe_topics(internal)
+        assert sorted(t["topic"] for t in described) == sorted(internal)
+        assert [len(t["partitions"]) for t in described] == [3, 3, 3]
+    finally:
+        await kafka_admin.delete_topics(internal)
