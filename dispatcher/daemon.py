@@ -145,6 +145,10 @@ class Daemon:
             acks="all",
             enable_idempotence=True,
             linger_ms=5,
+            # Retry records carry whole notifications (up to 80 entities of an import):
+            # compressed, they fit the broker's default 1 MB message limit far more often.
+            compression_type="gzip",
+            max_request_size=16 * 1024 * 1024,
             client_id="webhook-dispatcher",
         )
         if not await self._retry_kafka("start the producer", producer.start):

@@ -7,6 +7,7 @@ subscriber can act on.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import ipaddress
 import ssl
@@ -25,7 +26,8 @@ from dispatcher.settings import IPNetwork, Settings
 USER_AGENT = f"webhook-dispatcher/{__version__}"
 _BODY_HEAD = 512  # bytes of a failed response kept for the notice
 
-ErrorKind = Literal["http", "timeout", "connection", "tls", "blocked"]
+# deferred: not attempted, because the endpoint has too much under way already
+ErrorKind = Literal["http", "timeout", "connection", "tls", "blocked", "deferred"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,18 +61,26 @@ def ssl_context(ca_file: str = "") -> ssl.SSLContext:
     return context
 
 
+MAX_RETRY_AFTER = 86_400.0  # a Retry-After longer than a day is taken as a day
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds asked for by a Retry-After header (delta-seconds or HTTP date), or None."""
+    """Seconds asked for by a Retry-After header (delta-seconds or HTTP date), or None.
+
+    The endpoint is not trusted: anything unparsable is ignored, and the answer is
+    clamped to [0, MAX_RETRY_AFTER] so a hostile value cannot overflow a date or hold a
+    retry partition for years.
+    """
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value[:12]), MAX_RETRY_AFTER)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, when - now), MAX_RETRY_AFTER)
 
 
 def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
@@ -158,7 +168,11 @@ class HttpClient:
                 allow_redirects=False,
             ) as response:
                 if response.status == 200:
-                    await response.read()  # drain, so the connection is reused
+                    # Delivered: the status is final. Read a little of the body so the
+                    # connection can be reused; a huge or slow body must not turn a
+                    # delivered message into a failure, so trouble here is ignored.
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                        await response.content.read(_BODY_HEAD)
                     return Outcome(200, None, "200 OK", took())
                 head = await response.content.read(_BODY_HEAD)
                 return Outcome(

@@ -62,6 +62,8 @@ class EventWorker(KafkaWorker):
 
     async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
         for record in records:
+            if not self.accepting(tp):
+                return
             self.counts["consumed"] += 1
             try:
                 event = decode(record.value)
@@ -100,6 +102,7 @@ class EventWorker(KafkaWorker):
             self.counts["unmatched"] += 1
             work = None
         else:
+            await self._batcher.room()
             work = self._batcher.add(event, webhook)
         if event.import_end:
             self._batcher.end(event.environment_id, event.import_id)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +28,10 @@ async def send(
     headers: Headers | None = None,
     backoff_max: float = 30.0,
 ) -> None:
-    """Produce one record and wait for its ack, retrying on Kafka errors with backoff."""
+    """Produce one record and wait for its ack, retrying outages with backoff.
+
+    Errors that waiting cannot cure (a record too large, a topic not authorised) raise.
+    """
     backoff = 0.5
     while True:
         try:
@@ -36,6 +39,8 @@ async def send(
             await ack
             return
         except KafkaError as exc:
+            if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
+                raise  # e.g. a record too large: waiting will not make it fit
             log.warning("produce_failed", topic=topic, error=repr(exc), retry_in_s=backoff)
             await asyncio.sleep(backoff)  # backoff while Kafka is unreachable
             backoff = min(backoff * 2, backoff_max)

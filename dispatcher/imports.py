@@ -25,6 +25,8 @@ from dispatcher.store import Webhook
 log = structlog.get_logger(__name__)
 
 BatchKey = tuple[str, str, Any]  # environment_id, import_id, webhook id
+MAX_SENDING = 64  # batches flushed and not yet delivered; past it, reading waits
+MAX_OPEN_ENTITIES = 100_000  # entities in open batches; past it, the oldest goes out
 
 
 @dataclass
@@ -49,10 +51,18 @@ class ImportBatcher:
         self._open: OrderedDict[BatchKey, _OpenBatch] = OrderedDict()  # least recently fed first
         self._last_send: dict[BatchKey, asyncio.Task[None]] = {}
         self._sends: set[asyncio.Task[None]] = set()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self._open_entities = 0
         self.batches_sent = 0
 
     def __len__(self) -> int:
         return len(self._open)
+
+    async def room(self) -> None:
+        """Wait while ``MAX_SENDING`` batches are already on their way (a slow endpoint
+        must not let a large import be read into memory faster than it is sent)."""
+        await self._has_room.wait()
 
     def add(self, event: Event, webhook: Webhook) -> asyncio.Future[None]:
         """Add the event's entity; the future resolves when its batch is delivered."""
@@ -66,11 +76,14 @@ class ImportBatcher:
             if len(self._open) > self._max_open:
                 self._flush(next(iter(self._open)))
         batch.entities.append(event.entity)
+        self._open_entities += 1
         batch.touched = time.monotonic()
         self._open.move_to_end(key)
         done = batch.done
         if len(batch.entities) >= self._size:
             self._flush(key)
+        while self._open_entities > MAX_OPEN_ENTITIES:
+            self._flush(next(iter(self._open)))
         return done
 
     def end(self, environment_id: str, import_id: str) -> None:
@@ -97,6 +110,7 @@ class ImportBatcher:
 
     def _flush(self, key: BatchKey) -> None:
         batch = self._open.pop(key)
+        self._open_entities -= len(batch.entities)
         notification = Notification(
             notification_uuid=notification_uuid(batch.first.event_id, batch.webhook.id),
             webhook_id=batch.webhook.id,
@@ -111,6 +125,8 @@ class ImportBatcher:
         task = asyncio.ensure_future(self._send(batch, notification, previous))
         self._last_send[key] = task
         self._sends.add(task)
+        if len(self._sends) >= MAX_SENDING:
+            self._has_room.clear()
         task.add_done_callback(lambda t: self._sent(key, t))
 
     async def _send(
@@ -125,10 +141,13 @@ class ImportBatcher:
                 batch.done.set_exception(exc)
             raise
         self.batches_sent += 1
-        batch.done.set_result(None)
+        if not batch.done.done():  # cancelled by the worker's shutdown meanwhile
+            batch.done.set_result(None)
 
     def _sent(self, key: BatchKey, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
+        if len(self._sends) < MAX_SENDING:
+            self._has_room.set()
         if self._last_send.get(key) is task:
             del self._last_send[key]
         if not task.cancelled() and task.exception() is not None:

@@ -137,6 +137,11 @@ def _notices(d: Daemon) -> Iterator[Metric]:
     n = d.notice_worker
     yield _counter("webhook_notices_sent", "Failure notices mailed.", n.sent if n else 0)
     yield _counter(
+        "webhook_notices_rejected",
+        "Notices the SMTP server refused for good (5xx, e.g. no such mailbox): not retried.",
+        n.rejected if n else 0,
+    )
+    yield _counter(
         "webhook_notices_failed",
         "Failed SMTP sends of notices (each is tried again until it goes through).",
         n.failed if n else 0,

@@ -21,11 +21,28 @@ class BlockedAddress(OSError):
     """Every address the host resolves to is one that webhooks may not reach."""
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_SITE_LOCAL = ipaddress.IPv6Network("fec0::/10")
+
+
 def is_blocked(address: str, allowed: Sequence[IPNetwork]) -> bool:
-    """Whether ``address`` is off limits: not globally routable and not allowed."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """Whether ``address`` is off limits: not globally routable and not allowed.
+
+    IPv6 forms that carry an IPv4 address (mapped, NAT64, 6to4) are judged by that
+    IPv4 address; deprecated site-local addresses are blocked.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
+        address.split("%", 1)[0]
+    )
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _SITE_LOCAL and not any(ip in net for net in allowed):
+            return True
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.sixtofour is not None:
+            ip = ip.sixtofour
     if any(ip in net for net in allowed):
         return False
     return not ip.is_global or ip.is_multicast

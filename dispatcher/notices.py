@@ -139,6 +139,16 @@ def render(notices: Sequence[Notice], sender: str) -> EmailMessage:
     return message
 
 
+MAX_DIGEST = 200  # notices in one digest mail at most
+
+
+def _permanent(exc: BaseException) -> bool:
+    """An SMTP answer that will be the same next time (5xx), unlike 4xx or a lost link."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code >= 500 for r in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500
+
+
 class NoticeWorker(KafkaWorker):
     """Sends notices in order per partition; retries SMTP with backoff, loses none.
 
@@ -154,12 +164,17 @@ class NoticeWorker(KafkaWorker):
         super().__init__(consumer, max_pending=1, drain_timeout=settings.drain_timeout_seconds)
         self._settings = settings
         self._backoff_max = backoff_max
-        self._digests: dict[str, tuple[list[Notice], asyncio.Task[None]]] = {}
+        # webhook id -> (its partition, the notices of the open window, the task that
+        # sends them when the window closes)
+        self._digests: dict[str, tuple[TopicPartition, list[Notice], asyncio.Task[None]]] = {}
         self.sent = 0
         self.failed = 0
+        self.rejected = 0
 
     async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
         for record in records:
+            if not self.accepting(tp):
+                return
             try:
                 notice = Notice.decode(record.value)
             except (ValueError, TypeError) as exc:
@@ -167,23 +182,38 @@ class NoticeWorker(KafkaWorker):
                 await self.track(tp, record.offset, None)
                 continue
             if self._settings.notice_digest_seconds > 0:
-                await self.track(tp, record.offset, self._digest(notice), bounded=False)
+                await self.track(tp, record.offset, self._digest(tp, notice), bounded=False)
             else:
                 await self.track(tp, record.offset, self._send_until_done([notice]))
 
-    def _digest(self, notice: Notice) -> asyncio.Task[None]:
-        """The digest task this notice joins (started with the window's first notice)."""
+    def _digest(self, tp: TopicPartition, notice: Notice) -> asyncio.Task[None]:
+        """The digest task this notice joins (started with the window's first notice).
+
+        A window also closes at ``MAX_DIGEST`` notices, so memory stays bounded while
+        SMTP is down.
+        """
         entry = self._digests.get(notice.webhook_id)
-        if entry is None:
+        if entry is None or len(entry[1]) >= MAX_DIGEST:
             pending: list[Notice] = []
             task = asyncio.ensure_future(self._send_digest(notice.webhook_id, pending))
-            entry = self._digests[notice.webhook_id] = (pending, task)
-        entry[0].append(notice)
-        return entry[1]
+            entry = self._digests[notice.webhook_id] = (tp, pending, task)
+        entry[1].append(notice)
+        return entry[2]
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        # Open windows of revoked partitions are dropped, uncommitted: the partition's
+        # next owner reads those notices again and sends them.
+        for webhook_id, (tp, _, task) in list(self._digests.items()):
+            if tp in revoked:
+                task.cancel()
+                del self._digests[webhook_id]
+        await super().on_revoked(revoked)
 
     async def _send_digest(self, webhook_id: str, pending: list[Notice]) -> None:
         await asyncio.sleep(self._settings.notice_digest_seconds)  # the digest window
-        del self._digests[webhook_id]
+        entry = self._digests.get(webhook_id)
+        if entry is not None and entry[1] is pending:
+            del self._digests[webhook_id]
         await self._send_until_done(pending)
 
     async def _send_until_done(self, notices: list[Notice]) -> None:
@@ -192,6 +222,15 @@ class NoticeWorker(KafkaWorker):
             try:
                 await self._send(notices)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                if _permanent(exc):  # e.g. 550 no such mailbox: retrying cannot help
+                    self.rejected += 1
+                    log.error(
+                        "notice_rejected",
+                        notice_ids=[n.notice_id for n in notices],
+                        to=notices[0].to,
+                        error=str(exc),
+                    )
+                    return
                 self.failed += 1
                 log.warning(
                     "notice_send_failed",

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from dispatcher import durable
@@ -63,8 +64,8 @@ class RetryRecord:
         try:
             data = orjson.loads(raw or b"")
             n_retry, due_ms = data["n_retry"], data["due_ms"]
-            if not isinstance(n_retry, int) or not isinstance(due_ms, int) or n_retry < 1:
-                raise ValueError("n_retry and due_ms must be integers, n_retry >= 1")
+            if not isinstance(n_retry, int) or not isinstance(due_ms, int) or n_retry < 0:
+                raise ValueError("n_retry and due_ms must be integers, n_retry >= 0")
             return cls(
                 Notification.from_json(data["notification"]),
                 n_retry,
@@ -84,6 +85,7 @@ class RetryScheduler:
         self._clock = clock
         self.scheduled = 0
         self.exhausted = 0
+        self.deferred_count = 0
 
     async def failed(
         self,
@@ -98,12 +100,22 @@ class RetryScheduler:
         final = n_retry >= s.max_retries
         key = str(webhook.id).encode()
         next_at: str | None = None
-        record: RetryRecord | None = None
         if not final:
             delay = max(s.retry_delay_seconds, outcome.retry_after or 0.0)
             due_ms = int((now + delay) * 1000)
-            next_at = iso_millis(datetime.fromtimestamp(due_ms / 1000, UTC))
             record = RetryRecord(notification, n_retry + 1, due_ms, outcome.detail)
+            try:
+                await durable.send(self._producer, s.retry_topic, record.encode(), key=key)
+            except KafkaError as exc:  # not an outage: the record can never be produced
+                log.error(
+                    "retry_not_scheduled",
+                    webhook_id=str(webhook.id),
+                    notification_uuid=notification.notification_uuid,
+                    error=repr(exc),
+                )
+                final = True
+            else:
+                next_at = iso_millis(datetime.fromtimestamp(due_ms / 1000, UTC))
         notice = Notice(
             notice_id=Notice.make_id(notification.notification_uuid, n_retry),
             to=webhook.email,
@@ -120,13 +132,11 @@ class RetryScheduler:
             status=outcome.status,
             response_head=outcome.body_head,
             next_attempt_at=next_at,
-            request_body=body.decode("utf-8", "replace"),
+            request_body=_excerpt(body),
         )
-        # Both acked by all in-sync replicas before the source offset may commit.
-        sends = [durable.send(self._producer, s.notice_topic, notice.encode(), key=key)]
-        if record is not None:
-            sends.append(durable.send(self._producer, s.retry_topic, record.encode(), key=key))
-        await asyncio.gather(*sends)
+        # Acked by all in-sync replicas (like the retry record) before the source offset
+        # may commit.
+        await durable.send(self._producer, s.notice_topic, notice.encode(), key=key)
         if final:
             self.exhausted += 1
             log.warning(
@@ -137,6 +147,27 @@ class RetryScheduler:
             )
         else:
             self.scheduled += 1
+
+    async def deferred(self, webhook: Webhook, notification: Notification, n_retry: int) -> None:
+        """The endpoint is saturated: the same attempt goes on the delay topic, unmailed."""
+        delay = min(self._settings.retry_delay_seconds, MAX_DEFER_SECONDS)
+        due_ms = int((self._clock() + delay) * 1000)
+        record = RetryRecord(notification, n_retry, due_ms, "deferred: endpoint saturated")
+        key = str(webhook.id).encode()
+        await durable.send(self._producer, self._settings.retry_topic, record.encode(), key=key)
+        self.deferred_count += 1
+
+
+MAX_DEFER_SECONDS = 30.0  # a deferred attempt is tried again this soon (or sooner)
+MAX_NOTICE_BODY = 64 * 1024  # bytes of a request body quoted in a notice
+
+
+def _excerpt(body: bytes) -> str:
+    """The request body for a notice: whole, or its start when it is very large."""
+    if len(body) <= MAX_NOTICE_BODY:
+        return body.decode("utf-8", "replace")
+    head = body[:MAX_NOTICE_BODY].decode("utf-8", "ignore")
+    return f"{head}\n[... truncated: the request body has {len(body)} bytes]"
 
 
 class RetryWorker(KafkaWorker):
@@ -165,6 +196,8 @@ class RetryWorker(KafkaWorker):
 
     async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
         for record in records:
+            if not self.accepting(tp):
+                return
             try:
                 retry = RetryRecord.decode(record.value)
             except ValueError as exc:
@@ -193,6 +226,8 @@ class RetryWorker(KafkaWorker):
 
     def _hold(self, tp: TopicPartition, offset: int, wait: float) -> None:
         """Take nothing more from ``tp`` until the record at ``offset`` is due."""
+        if tp not in self.consumer.assignment():
+            return  # revoked meanwhile: its next owner reads it from the committed offset
         self.consumer.seek(tp, offset)
         self.consumer.pause(tp)
         old = self._timers.pop(tp, None)

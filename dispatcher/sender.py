@@ -9,6 +9,7 @@ Each attempt writes one canonical log line.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
@@ -25,6 +26,8 @@ from dispatcher.store import Webhook
 log = structlog.get_logger("dispatcher.delivery")
 
 Clock = Callable[[], float]  # Unix seconds, like time.time
+QUEUE_FACTOR = 8  # per endpoint: attempts under way or waiting, in in-flight bounds
+SLOW_SECONDS = 1.0  # an endpoint whose attempts take longer may have attempts deferred
 
 
 class FailureHandler(Protocol):
@@ -39,13 +42,29 @@ class FailureHandler(Protocol):
         outcome: Outcome,
     ) -> None: ...
 
+    async def deferred(self, webhook: Webhook, notification: Notification, n_retry: int) -> None:
+        """Schedule the same attempt again later, without counting it as a failure."""
+
 
 class _EndpointGate:
-    __slots__ = ("semaphore", "users")
+    """One endpoint's bound, and how slow it has been lately."""
+
+    __slots__ = ("semaphore", "starts", "typical", "users")
 
     def __init__(self, limit: int) -> None:
         self.semaphore = asyncio.Semaphore(limit)
-        self.users = 0
+        self.users = 0  # attempts under way or waiting
+        self.starts: list[float] = []  # monotonic start of each attempt under way
+        self.typical = 0.0  # moving average of attempt durations, seconds
+
+    def slow(self, now: float) -> bool:
+        """Attempts take (or have been taking) longer than SLOW_SECONDS."""
+        oldest = min(self.starts, default=now)
+        return max(self.typical, now - oldest) > SLOW_SECONDS
+
+    def finished(self, started: float, now: float) -> None:
+        self.starts.remove(started)
+        self.typical += 0.2 * ((now - started) - self.typical)
 
 
 class Sender:
@@ -72,19 +91,30 @@ class Sender:
         self.in_flight = 0
 
     async def deliver(self, webhook: Webhook, notification: Notification, n_retry: int) -> Outcome:
-        """One attempt; a failure is handed to the failure handler before this returns."""
+        """One attempt; a failure is handed to the failure handler before this returns.
+
+        A slow endpoint (attempts taking over ``SLOW_SECONDS``) that already has
+        ``QUEUE_FACTOR`` times its in-flight bound under way or waiting gets no more: the
+        attempt is deferred to the delay topic, so the consumer keeps its slots for other
+        endpoints. A fast endpoint with a burst queued is not deferred.
+        """
         endpoint = _endpoint(webhook.url)
         gate = self._gates.get(endpoint)
         if gate is None:
             gate = self._gates[endpoint] = _EndpointGate(self._per_endpoint)
+        if gate.users >= self._per_endpoint * QUEUE_FACTOR and gate.slow(time.monotonic()):
+            return await self._defer(webhook, notification, n_retry, gate.users)
         gate.users += 1
         try:
             async with gate.semaphore, self._global:
                 self.in_flight += 1
+                started = time.monotonic()
+                gate.starts.append(started)
                 try:
                     body, outcome = await self._attempt(webhook, notification, n_retry)
                 finally:
                     self.in_flight -= 1
+                    gate.finished(started, time.monotonic())
         finally:
             gate.users -= 1
             if gate.users == 0:
@@ -94,6 +124,18 @@ class Sender:
             self._metrics.observe(outcome.label, outcome.duration_ms)
         if not outcome.ok:
             await self._failures.failed(webhook, notification, n_retry, body, outcome)
+        return outcome
+
+    async def _defer(
+        self, webhook: Webhook, notification: Notification, n_retry: int, waiting: int
+    ) -> Outcome:
+        outcome = Outcome(
+            None, "deferred", f"{waiting} deliveries already under way or waiting", 0.0
+        )
+        _log_attempt(webhook, notification, n_retry, outcome)
+        if self._metrics is not None:
+            self._metrics.deliveries.labels("deferred").inc()
+        await self._failures.deferred(webhook, notification, n_retry)
         return outcome
 
     async def _attempt(
@@ -131,6 +173,8 @@ def _log_attempt(
     }
     if outcome.ok:
         log.info("delivery", outcome="delivered", **fields)
+    elif outcome.error_kind == "deferred":
+        log.info("delivery", outcome="deferred", reason=outcome.detail, **fields)
     else:
         log.warning(
             "delivery",

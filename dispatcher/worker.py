@@ -44,8 +44,11 @@ class KafkaWorker:
         self._commit_interval = commit_interval
         self._fetch_max = fetch_max_records
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
-        # work in flight -> the (partition, offset, holds a slot) entries it finishes
-        self._inflight: dict[asyncio.Future[None], list[tuple[TopicPartition, int, bool]]] = {}
+        # work in flight -> the entries it finishes: (partition, that partition's offsets
+        # bookkeeping when the work was taken, offset, holds a slot)
+        self._inflight: dict[asyncio.Future[None], list[_Entry]] = {}
+        self._owned: set[TopicPartition] = set()  # assigned to us now
+        self._stop = asyncio.Event()
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
         self._last_commit = time.monotonic()
@@ -61,6 +64,13 @@ class KafkaWorker:
         """The rebalance listener to subscribe with (commits what finished on revoke)."""
         return _Rebalance(self)
 
+    def accepting(self, tp: TopicPartition) -> bool:
+        """Whether records of ``tp`` may be taken now: it is ours and we neither stop nor
+        failed. :meth:`process` checks it before each record, so that once one record of
+        a batch was refused, no later one of the same partition is taken (and committed
+        past it)."""
+        return tp in self._owned and not self._stop.is_set() and not self._failed.is_set()
+
     async def track(
         self,
         tp: TopicPartition,
@@ -68,26 +78,50 @@ class KafkaWorker:
         work: Awaitable[None] | None,
         *,
         bounded: bool = True,
-    ) -> None:
+    ) -> bool:
         """Register ``offset``; it finishes when ``work`` does (at once when None).
 
         ``work`` may be a coroutine or a future shared by several offsets (an import
         batch). Bounded work first waits for a free slot, so a burst of records cannot
-        grow memory without limit; unbounded work is bounded by its owner.
+        grow memory without limit; unbounded work is bounded by its owner. False when the
+        record was not taken: its partition was revoked meanwhile, or the worker stops
+        (the record is consumed again by the partition's next owner).
         """
+        if bounded and work is not None and not await self._acquire(tp):
+            _discard(work)
+            return False
+        if tp not in self._owned:
+            if bounded and work is not None:
+                self._slots.release()
+            _discard(work)
+            return False
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
         offsets.add(offset)
         if work is None:
             offsets.done(offset)
-            return
-        if bounded:
-            await self._slots.acquire()
+            return True
         future = asyncio.ensure_future(work)
         waiting = self._inflight.get(future)
         if waiting is None:
             waiting = self._inflight[future] = []
             future.add_done_callback(self._finished)
-        waiting.append((tp, offset, bounded))
+        waiting.append((tp, offsets, offset, bounded))
+        return True
+
+    async def _acquire(self, tp: TopicPartition) -> bool:
+        """A slot; False if the worker stops or fails, or ``tp`` is revoked, first."""
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return True
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        others = {asyncio.ensure_future(e.wait()) for e in (self._stop, self._failed)}
+        await asyncio.wait({acquire, *others}, return_when=asyncio.FIRST_COMPLETED)
+        for other in others:
+            other.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            return False
+        return True
 
     def pending(self, tp: TopicPartition) -> int:
         offsets = self._offsets.get(tp)
@@ -97,6 +131,7 @@ class KafkaWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until ``stop`` is set, then drain, commit and close the consumer."""
+        self._stop = stop
         log.info(f"{self.name}_started")
         stopping = asyncio.ensure_future(stop.wait())
         failed = asyncio.ensure_future(self._failed.wait())
@@ -134,7 +169,7 @@ class KafkaWorker:
         tasks = [
             f
             for f, entries in self._inflight.items()
-            if wanted is None or any(tp in wanted for tp, _, _ in entries)
+            if wanted is None or any(entry[0] in wanted for entry in entries)
         ]
         if not tasks:
             return
@@ -150,11 +185,8 @@ class KafkaWorker:
         if not force and now - self._last_commit < self._commit_interval:
             return
         self._last_commit = now
-        chosen = (
-            self._offsets
-            if partitions is None
-            else {tp: self._offsets[tp] for tp in partitions if tp in self._offsets}
-        )
+        wanted = self._owned if partitions is None else set(partitions)
+        chosen = {tp: o for tp, o in self._offsets.items() if tp in wanted}
         to_commit = {}
         for tp, offsets in chosen.items():
             offset = offsets.committable()
@@ -163,16 +195,18 @@ class KafkaWorker:
         if not to_commit:
             return
         try:
-            await self.consumer.commit(
-                {tp: OffsetAndMetadata(o, "") for tp, o in to_commit.items()}
-            )
-        except KafkaError as exc:  # tried again at the next commit; at worst re-delivered
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await self.consumer.commit(
+                    {tp: OffsetAndMetadata(o, "") for tp, o in to_commit.items()}
+                )
+        except (KafkaError, TimeoutError) as exc:  # tried again later; at worst re-delivered
             log.warning(f"{self.name}_commit_failed", error=repr(exc))
             return
         for tp, offset in to_commit.items():
             self._offsets[tp].committed(offset)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._owned -= revoked  # from now on no record of these is taken
         await self.drain(self._drain_timeout, revoked)
         await self.commit(force=True, partitions=revoked)
         for tp in revoked:
@@ -181,6 +215,7 @@ class KafkaWorker:
         log.info(f"{self.name}_partitions_revoked", partitions=_names(revoked))
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owned |= assigned
         log.info(f"{self.name}_partitions_assigned", partitions=_names(assigned))
         self.assigned.set()
 
@@ -188,7 +223,7 @@ class KafkaWorker:
 
     def _finished(self, future: asyncio.Future[None]) -> None:
         entries = self._inflight.pop(future)
-        for _, _, bounded in entries:
+        for _, _, _, bounded in entries:
             if bounded:
                 self._slots.release()
         if future.cancelled():
@@ -199,9 +234,10 @@ class KafkaWorker:
                 self._failure = exc
                 self._failed.set()
             return
-        for tp, offset, _ in entries:
-            offsets = self._offsets.get(tp)
-            if offsets is not None:  # None: the partition was revoked meanwhile
+        for tp, offsets, offset, _ in entries:
+            # Only the assignment the work was taken under: after a revoke (and perhaps a
+            # new assignment of the same partition) its bookkeeping is gone or another.
+            if self._offsets.get(tp) is offsets:
                 offsets.done(offset)
 
     def _note_lag(self, tp: TopicPartition, last_offset: int) -> None:
@@ -213,6 +249,16 @@ class KafkaWorker:
         if self._failure is not None:
             log.error(f"{self.name}_failed", error=repr(self._failure))
             raise self._failure
+
+
+_Entry = tuple[TopicPartition, PartitionOffsets, int, bool]
+COMMIT_TIMEOUT = 10.0  # seconds; a commit that takes longer is given up and tried later
+
+
+def _discard(work: Awaitable[None] | None) -> None:
+    """Drop work that will not run (closing a coroutine so it is not reported unawaited)."""
+    if asyncio.iscoroutine(work):
+        work.close()
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -241,7 +241,16 @@ class Mailbox:
     port: int
     messages: list[Message] = field(default_factory=list)
     accept: bool = True
+    no_such_user: set[str] = field(default_factory=set)  # refused at RCPT with a 550
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
+    ) -> str:
+        if address in self.no_such_user:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not self.accept:

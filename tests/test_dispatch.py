@@ -211,3 +211,50 @@ async def test_hanging_endpoint_does_not_delay_another_shop(
     assert len(slow.requests) == settings.max_in_flight_per_endpoint  # still hanging
     release.set()
     await slow.wait_for(20)
+
+
+async def test_backlog_of_a_hanging_endpoint_is_deferred_not_queued_without_end(
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """Past its queue bound, a hanging endpoint's new events go to the delay topic."""
+    release = asyncio.Event()
+
+    async def hang(_request: web.Request, _n: int) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=200)
+
+    slow = await receiver_factory(responder=hang)
+    await subscribe(store, shop, slow)
+    settings = replace(
+        isolated_settings, delivery_timeout_seconds=60.0, max_in_flight_per_endpoint=2
+    )
+    running = await start_daemon(settings)
+    topic = settings.event_topics[0]
+    await produce(producer, topic, *[make_event(shop) for _ in range(16)])  # the bound: 2 x 8
+    await slow.wait_for(2)
+
+    registry = running.daemon.metrics.registry
+    async with asyncio.timeout(WAIT):
+        while not registry.get_sample_value("webhook_deliveries_total", {"outcome": "deferred"}):
+            await produce(producer, topic, make_event(shop))
+            await asyncio.sleep(0.2)  # the endpoint must hang for a second to count as slow
+    assert len(slow.requests) == 2
+    consumer = AIOKafkaConsumer(
+        settings.retry_topic, bootstrap_servers=KAFKA, auto_offset_reset="earliest",
+        group_id=f"check-{uuid.uuid4().hex[:8]}",
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        async with asyncio.timeout(WAIT):
+            record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    scheduled = orjson.loads(record.value)
+    assert scheduled["n_retry"] == 0  # not an attempt: nRetry unchanged
+    assert scheduled["last_failure"].startswith("deferred")
+    release.set()

@@ -269,3 +269,33 @@ async def test_digest_groups_a_webhooks_failures_into_one_mail_with_every_body(
     assert text.count("Request body:") == 4
     for event in events:
         assert event["entity"]["uuid"] in text
+
+
+async def test_mailbox_that_does_not_exist_does_not_hold_back_other_notices(
+    retry_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    mailbox: Mailbox,
+) -> None:
+    """A notice refused for good (550) is dropped and counted; the next one is mailed."""
+    mailbox.no_such_user.add("gone@shop.test")
+    settings = replace(retry_settings, max_retries=0)
+    receiver = await receiver_factory(responder=failing_then(None))
+    shops = []
+    for email in ("gone@shop.test", "dev@shop.test"):
+        info, _ = await store.issue_token(f"shop-{email}", "app")
+        shop = Principal(info.id, info.environment_id, info.client_id)
+        await store.create_webhook(
+            shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email=email
+        )
+        shops.append(shop)
+    running = await start_daemon(settings)
+    for shop in shops:  # the refused address first, on the same partition
+        await produce(producer, settings.event_topics[0], make_event(shop))
+
+    (mail,) = await mailbox.wait_for(1)
+    assert mail["To"] == "dev@shop.test"
+    assert running.daemon.notice_worker is not None
+    assert running.daemon.notice_worker.rejected == 1

@@ -212,6 +212,10 @@ def test_signature_verifies_with_the_standard_webhooks_library() -> None:
         ("::1", True),
         ("fe80::1", True),
         ("::ffff:10.0.0.1", True),
+        ("64:ff9b::7f00:1", True),  # NAT64 of 127.0.0.1
+        ("2002:a00:1::1", True),  # 6to4 of 10.0.0.1
+        ("fec0::1", True),  # site-local
+        ("64:ff9b::808:808", False),  # NAT64 of 8.8.8.8
         ("8.8.8.8", False),
         ("2001:4860:4860::8888", False),
     ],
@@ -228,3 +232,25 @@ def test_allowed_networks_lift_the_block() -> None:
     ).allow_private_targets
     assert not is_blocked("127.0.0.1", allowed)
     assert is_blocked("10.0.0.1", allowed)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        ("9" * 400, 86_400.0),  # absurdly long: clamped to a day
+        ("300000000000", 86_400.0),
+        ("\u00b2", None),  # a digit to str.isdigit, not to float: ignored
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # in the past
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 86_400.0),
+        ("soon", None),
+        ("", None),
+    ],
+)
+def test_hostile_retry_after_values_are_ignored_or_clamped(
+    header: str, seconds: float | None
+) -> None:
+    """No Retry-After value can crash the scheduler or park a retry for years."""
+    from dispatcher.delivery import parse_retry_after
+
+    assert parse_retry_after(header, 1_800_000_000.0) == seconds
