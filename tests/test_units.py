@@ -254,3 +254,25 @@ def test_hostile_retry_after_values_are_ignored_or_clamped(
     from dispatcher.delivery import parse_retry_after
 
     assert parse_retry_after(header, 1_800_000_000.0) == seconds
+
+
+def test_retry_and_notice_records_match_their_published_schemas() -> None:
+    """What the scheduler writes on the delay and notice topics validates against schemas/."""
+    from dispatcher.notices import Notice
+    from dispatcher.notification import Notification
+    from dispatcher.retry import RetryRecord
+
+    notification = Notification(
+        str(uuid.uuid4()), uuid.uuid4(), "CLOSED", "sales", "shop", "app", None, ({"id": 1},)
+    )
+    record = orjson.loads(RetryRecord(notification, 1, 1_800_000_000_000, "HTTP 500").encode())
+    assert RetryRecord.decode(orjson.dumps(record)).notification == notification
+    notice = Notice(
+        "n1", "a@b.test", str(notification.webhook_id), "https://x.test/h", "sales", "CLOSED",
+        notification.notification_uuid, 0, 3, False, "2026-01-01T00:00:00.000Z", "HTTP 500",
+        500, "oops", "2026-01-01T00:15:00.000Z", "{}",
+    )  # fmt: skip
+    for name, data in (("retry-record", record), ("notice", orjson.loads(notice.encode()))):
+        schema = json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(data))
+        assert not errors, (name, errors)
