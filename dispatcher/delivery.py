@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import ipaddress
 import ssl
 import time
@@ -83,6 +84,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return min(max(0.0, when - now), MAX_RETRY_AFTER)
 
 
+@functools.lru_cache(maxsize=65_536)
+def parse_url(url: str) -> URL:
+    """A webhook URL, parsed once: the same few URLs are posted to again and again."""
+    return URL(url)
+
+
 def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
     """Whether the URL names a forbidden IP address literally (no resolver involved)."""
     host = url.host or ""
@@ -152,7 +159,7 @@ class HttpClient:
         def took() -> float:
             return round((time.perf_counter() - start) * 1000, 2)
 
-        target = URL(url)
+        target = parse_url(url)
         if literal_blocked(target, self._allowed):
             return Outcome(
                 None,

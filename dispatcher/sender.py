@@ -9,16 +9,16 @@ Each attempt writes one canonical log line.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
 import structlog
-from yarl import URL
 
 from dispatcher import signing
-from dispatcher.delivery import HttpClient, Outcome
+from dispatcher.delivery import HttpClient, Outcome, parse_url
 from dispatcher.metrics import Metrics
 from dispatcher.notification import Notification
 from dispatcher.store import Webhook
@@ -152,8 +152,9 @@ class Sender:
         return body, await self._http.post(webhook.url, body, headers)
 
 
+@functools.lru_cache(maxsize=65_536)
 def _endpoint(url: str) -> str:
-    parsed = URL(url)
+    parsed = parse_url(url)
     return f"{parsed.scheme}://{parsed.host}:{parsed.port}"
 
 

@@ -34,7 +34,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from dispatcher import db
 from dispatcher.daemon import Daemon
 from dispatcher.settings import Settings
-from dispatcher.store import Principal, Store
+from dispatcher.store import Principal, Store, Webhook
 
 PG_URL = os.environ.get(
     "DISPATCHER_TEST_DATABASE_URL", "postgresql://dispatcher@127.0.0.1:55432/dispatcher"
@@ -383,6 +383,20 @@ async def shop(store: Store) -> Principal:
     """A shop with a token, as the API would see it."""
     info, _ = await store.issue_token(f"shop-{uuid.uuid4().hex[:8]}", "test-app")
     return Principal(info.id, info.environment_id, info.client_id)
+
+
+async def subscribe(
+    store: Store,
+    shop: Principal,
+    receiver: Receiver,
+    entity: str = "sales",
+    event: str = "CLOSED",
+    email: str = "dev@shop.test",
+) -> Webhook:
+    """A webhook of ``shop`` for (entity, event) pointing at ``receiver``."""
+    return await store.create_webhook(
+        shop, url=receiver.url, entity_name=entity, event_type=event, email=email
+    )
 
 
 def make_event(shop: Principal, **overrides: Any) -> dict[str, Any]:

@@ -17,18 +17,10 @@ from dispatcher.dispatch import REASON_HEADER
 from dispatcher.notification import notification_uuid
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import KAFKA, WAIT, Receiver, Running, make_event, produce
+from tests.conftest import KAFKA, WAIT, Receiver, Running, make_event, produce, subscribe
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
-
-
-async def subscribe(
-    store: Store, shop: Principal, receiver: Receiver, entity: str = "sales", event: str = "CLOSED"
-) -> Any:
-    return await store.create_webhook(
-        shop, url=receiver.url, entity_name=entity, event_type=event, email="dev@example.com"
-    )
 
 
 async def test_matching_event_is_posted_with_the_documented_envelope_and_signature(

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Receiver, Running, make_event, produce
+from tests.conftest import WAIT, Receiver, Running, make_event, produce, subscribe
 
 ROOT = Path(__file__).resolve().parent.parent
 StartDaemon = Callable[..., Awaitable[Running]]
@@ -79,9 +79,7 @@ async def test_database_outage_flips_readiness_and_dispatch_goes_on_from_the_cac
 ) -> None:
     """PostgreSQL stops: not ready, API 503, events still delivered; then ready again."""
     _, token = await store.issue_token(shop.environment_id, shop.client_id)
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
     running = await start_daemon(isolated_settings)
     await wait_readiness(running.base_url, 200, "database", "ok")
 
@@ -102,9 +100,7 @@ async def test_database_outage_flips_readiness_and_dispatch_goes_on_from_the_cac
     await stack("up", "postgres")
     await wait_readiness(running.base_url, 200, "database", "ok")
     # The cache listens again: a webhook created now reaches it without a restart.
-    later = await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CREATED", email="a@b.test"
-    )
+    later = await subscribe(store, shop, receiver, "sales", "CREATED")
     async with asyncio.timeout(WAIT * 2):
         while running.daemon.cache.get(later.id) is None:
             await asyncio.sleep(0.1)  # polling the cache with a deadline
@@ -119,9 +115,7 @@ async def test_kafka_outage_flips_readiness_and_consumption_resumes_without_rest
     restore_stack: None,
 ) -> None:
     """Kafka stops: not ready; it starts: ready again and new events are delivered."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
     running = await start_daemon(isolated_settings)
     await wait_readiness(running.base_url, 200, "kafka", "ok")
 

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaProducer
 
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import Receiver, Running, make_event, produce
+from tests.conftest import Receiver, Running, make_event, produce, subscribe
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -42,9 +42,7 @@ async def test_import_of_200_items_arrives_as_80_80_40_in_order(
     producer: AIOKafkaProducer,
 ) -> None:
     """200 items of one import reach the webhook as three requests of 80, 80 and 40."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="items", event_type="CREATED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "items", "CREATED")
     # A long linger: only the size and the end marker may close these batches.
     await start_daemon(replace(isolated_settings, import_linger_seconds=60))
     await produce(producer, isolated_settings.event_topics[0], *import_events(shop, "imp-1", 200))
@@ -67,9 +65,7 @@ async def test_import_without_end_marker_is_flushed_after_the_linger(
     producer: AIOKafkaProducer,
 ) -> None:
     """A batch that never fills and never ends still goes out after the linger time."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="customers", event_type="CREATED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "customers", "CREATED")
     await start_daemon(replace(isolated_settings, import_linger_seconds=0.5))
     events = import_events(shop, "imp-2", 5, entity="customers", end=False)
     await produce(producer, isolated_settings.event_topics[0], *events)
@@ -116,9 +112,7 @@ async def test_two_shops_importing_at_once_never_mix_entities(
     other = Principal(info.id, info.environment_id, info.client_id)
     mine, theirs = await receiver_factory(), await receiver_factory()
     for owner, target in ((shop, mine), (other, theirs)):
-        await store.create_webhook(
-            owner, url=target.url, entity_name="items", event_type="CREATED", email="a@b.test"
-        )
+        await subscribe(store, owner, target, "items", "CREATED")
     await start_daemon(replace(isolated_settings, import_linger_seconds=60))
     a = import_events(shop, "same-import-id", 100)
     b = import_events(other, "same-import-id", 100)

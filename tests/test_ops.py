@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Receiver, Running, make_event, produce
+from tests.conftest import WAIT, Receiver, Running, make_event, produce, subscribe
 from tests.test_process import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,7 @@ async def test_metrics_count_the_deliveries_that_happened(
     producer: AIOKafkaProducer,
 ) -> None:
     """After 5 deliveries and 2 bad messages, /metrics says so."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
     running = await start_daemon(isolated_settings)
     metrics_url = running.base_url + "/metrics"
     _, before = await get(metrics_url)

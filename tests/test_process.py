@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from dispatcher.settings import Settings, env_name
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Receiver, free_port, make_event, produce
+from tests.conftest import WAIT, Receiver, free_port, make_event, produce, subscribe
 
 DISPATCHER = [sys.executable, "-m", "dispatcher"]
 
@@ -126,9 +126,7 @@ async def test_sigterm_drains_and_exits_zero_with_json_logs(
         return aiohttp.web.Response(status=200)
 
     receiver.responder = slow
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
     process = await spawn(environment(isolated_settings))
     await produce(producer, isolated_settings.event_topics[0], make_event(shop))
     await receiver.wait_for(1)  # the delivery is in flight, held by the receiver
@@ -150,9 +148,7 @@ async def test_sigkill_mid_stream_then_restart_loses_no_event(
     producer: AIOKafkaProducer,
 ) -> None:
     """Killed with SIGKILL mid-stream and restarted, the daemon delivers every event."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
     env = environment(isolated_settings)
     process = await spawn(env)
     events = [make_event(shop) for _ in range(400)]
@@ -185,9 +181,7 @@ async def test_crash_mid_import_then_restart_delivers_every_entity(
     producer: AIOKafkaProducer,
 ) -> None:
     """A daemon killed with an import batch open re-sends its entities after the restart."""
-    await store.create_webhook(
-        shop, url=receiver.url, entity_name="items", event_type="CREATED", email="a@b.test"
-    )
+    await subscribe(store, shop, receiver, "items", "CREATED")
     env = {**environment(isolated_settings), "DISPATCHER_IMPORT_LINGER_SECONDS": "60"}
     process = await spawn(env)
     first = [

@@ -15,8 +15,8 @@ from aiokafka.structs import TopicPartition
 
 from dispatcher.retry import RetryWorker
 from dispatcher.settings import Settings
-from dispatcher.store import Principal, Store, Webhook
-from tests.conftest import WAIT, Mailbox, Receiver, Running, make_event, produce
+from dispatcher.store import Principal, Store
+from tests.conftest import WAIT, Mailbox, Receiver, Running, make_event, produce, subscribe
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -45,12 +45,6 @@ def failing_then(ok_from: int | None) -> Callable[[web.Request, int], Awaitable[
         return web.Response(status=500, text="database on fire")
 
     return respond
-
-
-async def subscribe(store: Store, shop: Principal, receiver: Receiver) -> Webhook:
-    return await store.create_webhook(
-        shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email="dev@shop.test"
-    )
 
 
 def text_of(message: Message) -> str:
@@ -292,10 +286,13 @@ async def test_mailbox_that_does_not_exist_does_not_hold_back_other_notices(
         )
         shops.append(shop)
     running = await start_daemon(settings)
-    for shop in shops:  # the refused address first, on the same partition
-        await produce(producer, settings.event_topics[0], make_event(shop))
-
+    notices = running.daemon.notice_worker
+    assert notices is not None
+    await produce(producer, settings.event_topics[0], make_event(shops[0]))
+    async with asyncio.timeout(WAIT):
+        while notices.rejected == 0:
+            await asyncio.sleep(0.05)  # polling a counter with a deadline
+    await produce(producer, settings.event_topics[0], make_event(shops[1]))
     (mail,) = await mailbox.wait_for(1)
     assert mail["To"] == "dev@shop.test"
-    assert running.daemon.notice_worker is not None
-    assert running.daemon.notice_worker.rejected == 1
+    assert notices.rejected == 1
