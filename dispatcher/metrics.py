@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -35,6 +35,7 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self._by_label: dict[str, Any] = {}
         self.delivery_seconds = Histogram(
             "webhook_delivery_duration_seconds",
             "Time from the start of a delivery attempt's POST to its outcome.",
@@ -43,7 +44,10 @@ class Metrics:
         )
 
     def observe(self, label: str, duration_ms: float) -> None:
-        self.deliveries.labels(label).inc()
+        child = self._by_label.get(label)
+        if child is None:  # labels() takes a lock and builds a key: once per label
+            child = self._by_label[label] = self.deliveries.labels(label)
+        child.inc()
         self.delivery_seconds.observe(duration_ms / 1000)
 
     def watch(self, daemon: Daemon) -> None:

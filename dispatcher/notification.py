@@ -32,9 +32,7 @@ def notification_uuid(event_id: str, webhook_id: uuid.UUID) -> str:
 
 def iso_millis(moment: datetime) -> str:
     """``2022-02-22T11:13:04.892Z``: UTC, millisecond precision, as the platform sends."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + (
-        f"{moment.microsecond // 1000:03d}Z"
-    )
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -161,6 +162,8 @@ def _endpoint(url: str) -> str:
 def _log_attempt(
     webhook: Webhook, notification: Notification, n_retry: int, outcome: Outcome
 ) -> None:
+    if outcome.ok and not log.is_enabled_for(logging.INFO):
+        return  # at warning level a delivery's line is not written: skip building it
     fields = {
         "webhook_id": str(webhook.id),
         "notification_uuid": notification.notification_uuid,
