@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Receiver, Running, make_event, produce, subscribe
+from tests.conftest import WAIT, Receiver, Running, free_port, make_event, produce, subscribe
 from tests.test_process import environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,3 +169,24 @@ async def test_missing_internal_topics_are_created_like_the_event_topic(
         assert [len(t["partitions"]) for t in described] == [3, 3, 3]
     finally:
         await kafka_admin.delete_topics(internal)
+
+
+async def test_roles_split_the_api_from_the_consumers(
+    isolated_settings: Settings, start_daemon: StartDaemon
+) -> None:
+    """--role api serves the API and consumes nothing; --role dispatch the reverse."""
+    api = await start_daemon(isolated_settings, role="api")
+    assert api.daemon.workers == []
+    status, _ = await get(api.base_url + "/openapi.json")
+    assert status == 200
+    status, _ = await get(api.base_url + "/readyz")
+    assert status == 200
+
+    dispatch = await start_daemon(
+        replace(isolated_settings, http_port=free_port()), role="dispatch"
+    )
+    assert [w.name for w in dispatch.daemon.workers] == ["dispatch"]
+    status, _ = await get(dispatch.base_url + "/openapi.json")
+    assert status == 404
+    status, _ = await get(dispatch.base_url + "/readyz")
+    assert status == 200
