@@ -87,7 +87,7 @@ class KafkaWorker:
         record was not taken: its partition was revoked meanwhile, or the worker stops
         (the record is consumed again by the partition's next owner).
         """
-        if bounded and work is not None and not await self._acquire(tp):
+        if bounded and work is not None and not await self._acquire():
             _discard(work)
             return False
         if tp not in self._owned:
@@ -108,8 +108,9 @@ class KafkaWorker:
         waiting.append((tp, offsets, offset, bounded))
         return True
 
-    async def _acquire(self, tp: TopicPartition) -> bool:
-        """A slot; False if the worker stops or fails, or ``tp`` is revoked, first."""
+    async def _acquire(self) -> bool:
+        """A slot; False if the worker stops or fails first (the caller then checks that
+        the partition is still ours)."""
         if not self._slots.locked():
             await self._slots.acquire()
             return True
@@ -122,10 +123,6 @@ class KafkaWorker:
             acquire.cancel()
             return False
         return True
-
-    def pending(self, tp: TopicPartition) -> int:
-        offsets = self._offsets.get(tp)
-        return offsets.in_flight if offsets else 0
 
     # --- the loop -----------------------------------------------------------------------
 
