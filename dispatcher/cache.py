@@ -17,6 +17,7 @@ import asyncpg
 import orjson
 import structlog
 
+from dispatcher.backoff import Backoff
 from dispatcher.store import Store, Webhook
 
 log = structlog.get_logger(__name__)
@@ -73,27 +74,23 @@ class CacheSync:
         database_url: str,
         *,
         resync_seconds: float,
-        backoff_max: float = 30.0,
     ) -> None:
         self._cache = cache
         self._store = store
         self._url = database_url
         self._resync = resync_seconds
-        self._backoff_max = backoff_max
+        self._backoff = Backoff(cap=30.0)
         self._changes: asyncio.Queue[str] = asyncio.Queue()
 
     async def run(self) -> None:
         """Listen, load, apply changes, re-sync; reconnect with backoff on database loss."""
-        backoff = 0.5
         while True:
             try:
                 await self._session()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("cache_sync_disconnected", error=str(exc), retry_in_s=backoff)
-                await asyncio.sleep(backoff)  # backoff between reconnects, not coordination
-                backoff = min(backoff * 2, self._backoff_max)
-            else:  # pragma: no cover - _session only returns by raising
-                backoff = 0.5
+                delay = self._backoff.next()
+                log.warning("cache_sync_disconnected", error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)  # backoff between reconnects, not coordination
 
     async def _session(self) -> None:
         conn = await asyncpg.connect(self._url, timeout=10)
@@ -103,6 +100,7 @@ class CacheSync:
             # Listen before loading, so no change made during the load is missed.
             await conn.add_listener(CHANNEL, self._on_notify)
             await self.resync()
+            self._backoff.reset()  # connected and loaded: the next outage starts afresh
             while True:
                 get = asyncio.ensure_future(self._changes.get())
                 gone = asyncio.ensure_future(lost.wait())

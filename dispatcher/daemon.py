@@ -29,6 +29,7 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher import __version__, catalog, db
+from dispatcher.backoff import Backoff
 from dispatcher.cache import CacheSync, SubscriptionCache
 from dispatcher.delivery import HttpClient
 from dispatcher.dispatch import EventWorker
@@ -193,7 +194,7 @@ class Daemon:
 
         False when the daemon was told to stop before Kafka answered.
         """
-        backoff = 0.5
+        backoff = Backoff(cap=30.0)
         while True:
             try:
                 await attempt()
@@ -203,9 +204,9 @@ class Daemon:
                     raise  # not an outage: a bug or a refusal that waiting will not cure
                 if self.stop.is_set():
                     return False
-                log.warning("kafka_unreachable", doing=what, error=repr(exc), retry_in_s=backoff)
-                await self._wait_or_stop(asyncio.sleep(backoff))  # backoff, not coordination
-                backoff = min(backoff * 2, 30.0)
+                delay = backoff.next()
+                log.warning("kafka_unreachable", doing=what, error=repr(exc), retry_in_s=delay)
+                await self._wait_or_stop(asyncio.sleep(delay))  # backoff, not coordination
 
     async def _start_worker(self, group: asyncio.TaskGroup, worker: KafkaWorker) -> None:
         if not await self._retry_kafka(f"start the {worker.name} consumer", worker.consumer.start):

@@ -14,6 +14,8 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
+from dispatcher.backoff import Backoff
+
 log = structlog.get_logger(__name__)
 
 Headers = Sequence[tuple[str, bytes]]
@@ -26,13 +28,13 @@ async def send(
     *,
     key: bytes | None = None,
     headers: Headers | None = None,
-    backoff_max: float = 30.0,
+    backoff_cap: float = 30.0,
 ) -> None:
     """Produce one record and wait for its ack, retrying outages with backoff.
 
     Errors that waiting cannot cure (a record too large, a topic not authorised) raise.
     """
-    backoff = 0.5
+    backoff = Backoff(cap=backoff_cap)
     while True:
         try:
             ack = await producer.send(topic, value, key=key, headers=list(headers or ()))
@@ -41,6 +43,6 @@ async def send(
         except KafkaError as exc:
             if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
                 raise  # e.g. a record too large: waiting will not make it fit
-            log.warning("produce_failed", topic=topic, error=repr(exc), retry_in_s=backoff)
-            await asyncio.sleep(backoff)  # backoff while Kafka is unreachable
-            backoff = min(backoff * 2, backoff_max)
+            delay = backoff.next()
+            log.warning("produce_failed", topic=topic, error=repr(exc), retry_in_s=delay)
+            await asyncio.sleep(delay)  # backoff while Kafka is unreachable

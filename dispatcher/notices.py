@@ -23,6 +23,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from dispatcher.backoff import Backoff
 from dispatcher.settings import Settings
 from dispatcher.worker import KafkaWorker
 
@@ -159,11 +160,11 @@ class NoticeWorker(KafkaWorker):
     name = "notices"
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, settings: Settings, *, backoff_max: float = 60.0
+        self, consumer: AIOKafkaConsumer, settings: Settings, *, backoff_cap: float = 60.0
     ) -> None:
         super().__init__(consumer, max_pending=1, drain_timeout=settings.drain_timeout_seconds)
         self._settings = settings
-        self._backoff_max = backoff_max
+        self._backoff_cap = backoff_cap
         # webhook id -> (its partition, the notices of the open window, the task that
         # sends them when the window closes)
         self._digests: dict[str, tuple[TopicPartition, list[Notice], asyncio.Task[None]]] = {}
@@ -217,7 +218,7 @@ class NoticeWorker(KafkaWorker):
         await self._send_until_done(pending)
 
     async def _send_until_done(self, notices: list[Notice]) -> None:
-        backoff = 0.5
+        backoff = Backoff(cap=self._backoff_cap)
         while True:
             try:
                 await self._send(notices)
@@ -232,14 +233,14 @@ class NoticeWorker(KafkaWorker):
                     )
                     return
                 self.failed += 1
+                delay = backoff.next()
                 log.warning(
                     "notice_send_failed",
                     notice_ids=[n.notice_id for n in notices],
                     error=str(exc),
-                    retry_in_s=backoff,
+                    retry_in_s=delay,
                 )
-                await asyncio.sleep(backoff)  # backoff while SMTP is down, not coordination
-                backoff = min(backoff * 2, self._backoff_max)
+                await asyncio.sleep(delay)  # backoff while SMTP is down, not coordination
                 continue
             self.sent += 1
             log.info(
