@@ -10,14 +10,15 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from dispatcher.dispatch import REASON_HEADER
 from dispatcher.notification import notification_uuid
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import KAFKA, WAIT, Receiver, Running, make_event, produce, subscribe
+from tests.conftest import KAFKA, WAIT, Receiver, Running, free_port, make_event, produce, subscribe
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -250,3 +251,52 @@ async def test_backlog_of_a_hanging_endpoint_is_deferred_not_queued_without_end(
     assert scheduled["n_retry"] == 0  # not an attempt: nRetry unchanged
     assert scheduled["last_failure"].startswith("deferred")
     release.set()
+
+
+async def test_a_second_dispatcher_joining_mid_stream_loses_nothing_and_commits_all(
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    receiver_factory: MakeReceiver,
+    producer: AIOKafkaProducer,
+    new_topic: Callable[..., Awaitable[str]],
+    kafka_admin: AIOKafkaAdminClient,
+) -> None:
+    """A rebalance mid-stream: every event arrives, and the group commits every offset."""
+
+    async def slowish(_request: web.Request, _n: int) -> web.StreamResponse:
+        await asyncio.sleep(0.01)  # the endpoint takes 10 ms to answer
+        return web.Response(status=200)
+
+    receiver = await receiver_factory(responder=slowish)
+    shops = []
+    for n in range(8):
+        info, _ = await store.issue_token(f"rebalance-shop-{n}-{uuid.uuid4().hex[:6]}", "app")
+        shop = Principal(info.id, info.environment_id, info.client_id)
+        await subscribe(store, shop, receiver)
+        shops.append(shop)
+    topic = await new_topic("events", partitions=2)
+    settings = replace(isolated_settings, event_topics=(topic,), max_in_flight=4)
+    events = [make_event(shops[n % 8]) for n in range(300)]
+    await produce(producer, topic, *events)
+
+    first = await start_daemon(settings)
+    await receiver.wait_for(20)
+    second = await start_daemon(replace(settings, http_port=free_port()))  # rebalance
+    wanted = {e["entity"]["uuid"] for e in events}
+    async with asyncio.timeout(WAIT * 2):
+        while not wanted <= {r.json()["entities"][0]["uuid"] for r in receiver.requests}:
+            await receiver.wait_for(len(receiver.requests) + 1)
+    assert second.daemon.workers[0].assigned.is_set()
+    await first.stop()
+    await second.stop()
+
+    committed = await kafka_admin.list_consumer_group_offsets(settings.consumer_group)
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in (0, 1)]
+        end_offsets = await consumer.end_offsets(partitions)
+    finally:
+        await consumer.stop()
+    assert {tp: committed[tp].offset for tp in partitions} == end_offsets
