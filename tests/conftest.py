@@ -378,11 +378,25 @@ async def store(pool: asyncpg.Pool) -> Store:
     return Store(pool)
 
 
+async def new_shop(store: Store, name: str = "shop") -> Principal:
+    """A shop (with a unique id starting with ``name``) and its token, as the API sees it."""
+    info, _ = await store.issue_token(f"{name}-{uuid.uuid4().hex[:8]}", "test-app")
+    return Principal(info.id, info.environment_id, info.client_id)
+
+
 @pytest.fixture
 async def shop(store: Store) -> Principal:
-    """A shop with a token, as the API would see it."""
-    info, _ = await store.issue_token(f"shop-{uuid.uuid4().hex[:8]}", "test-app")
-    return Principal(info.id, info.environment_id, info.client_id)
+    return await new_shop(store)
+
+
+def hanging_until(release: asyncio.Event) -> Responder:
+    """A responder that answers 200 only once ``release`` is set."""
+
+    async def respond(_request: web.Request, _n: int) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(status=200)
+
+    return respond
 
 
 async def subscribe(

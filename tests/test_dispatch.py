@@ -18,7 +18,18 @@ from dispatcher.dispatch import REASON_HEADER
 from dispatcher.notification import notification_uuid
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import KAFKA, WAIT, Receiver, Running, free_port, make_event, produce, subscribe
+from tests.conftest import (
+    KAFKA,
+    WAIT,
+    Receiver,
+    Running,
+    free_port,
+    hanging_until,
+    make_event,
+    new_shop,
+    produce,
+    subscribe,
+)
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -74,8 +85,7 @@ async def test_events_match_by_shop_entity_and_event_type(
     other_shop_receiver = await receiver_factory()
     await subscribe(store, shop, closed, "sales", "CLOSED")
     await subscribe(store, shop, created, "sales", "CREATED")
-    other_info, _ = await store.issue_token("another-shop", "app")
-    other = Principal(other_info.id, other_info.environment_id, other_info.client_id)
+    other = await new_shop(store, "another-shop")
     await subscribe(store, other, other_shop_receiver, "sales", "CLOSED")
     await start_daemon(isolated_settings)
 
@@ -182,16 +192,10 @@ async def test_hanging_endpoint_does_not_delay_another_shop(
 ) -> None:
     """While one endpoint hangs, another shop's events are delivered at once."""
     release = asyncio.Event()
-
-    async def hang(_request: web.Request, _n: int) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(status=200)
-
-    slow = await receiver_factory(responder=hang)
+    slow = await receiver_factory(responder=hanging_until(release))
     fast = await receiver_factory()
     await subscribe(store, shop, slow)
-    other_info, _ = await store.issue_token("fast-shop", "app")
-    other = Principal(other_info.id, other_info.environment_id, other_info.client_id)
+    other = await new_shop(store, "fast-shop")
     await subscribe(store, other, fast)
     settings = replace(isolated_settings, delivery_timeout_seconds=60.0)
     await start_daemon(settings)
@@ -216,12 +220,7 @@ async def test_backlog_of_a_hanging_endpoint_is_deferred_not_queued_without_end(
 ) -> None:
     """Past its queue bound, a hanging endpoint's new events go to the delay topic."""
     release = asyncio.Event()
-
-    async def hang(_request: web.Request, _n: int) -> web.StreamResponse:
-        await release.wait()
-        return web.Response(status=200)
-
-    slow = await receiver_factory(responder=hang)
+    slow = await receiver_factory(responder=hanging_until(release))
     await subscribe(store, shop, slow)
     settings = replace(
         isolated_settings, delivery_timeout_seconds=60.0, max_in_flight_per_endpoint=2
@@ -271,8 +270,7 @@ async def test_a_second_dispatcher_joining_mid_stream_loses_nothing_and_commits_
     receiver = await receiver_factory(responder=slowish)
     shops = []
     for n in range(8):
-        info, _ = await store.issue_token(f"rebalance-shop-{n}-{uuid.uuid4().hex[:6]}", "app")
-        shop = Principal(info.id, info.environment_id, info.client_id)
+        shop = await new_shop(store, f"rebalance-shop-{n}")
         await subscribe(store, shop, receiver)
         shops.append(shop)
     topic = await new_topic("events", partitions=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -11,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import Receiver, Running, make_event, produce, subscribe
+from tests.conftest import Receiver, Running, make_event, new_shop, produce, subscribe
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -108,8 +107,7 @@ async def test_two_shops_importing_at_once_never_mix_entities(
     producer: AIOKafkaProducer,
 ) -> None:
     """Interleaved imports of two shops each arrive whole, to their own webhook only."""
-    info, _ = await store.issue_token(f"shop-{uuid.uuid4().hex[:6]}", "app")
-    other = Principal(info.id, info.environment_id, info.client_id)
+    other = await new_shop(store)
     mine, theirs = await receiver_factory(), await receiver_factory()
     for owner, target in ((shop, mine), (other, theirs)):
         await subscribe(store, owner, target, "items", "CREATED")

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 
 from dispatcher.settings import Settings, env_name
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Receiver, free_port, make_event, produce, subscribe
+from tests.conftest import WAIT, Receiver, free_port, hanging_until, make_event, produce, subscribe
 
 DISPATCHER = [sys.executable, "-m", "dispatcher"]
 
@@ -120,12 +120,7 @@ async def test_sigterm_drains_and_exits_zero_with_json_logs(
 ) -> None:
     """SIGTERM lets deliveries in flight finish, then the process exits 0; logs are JSON."""
     release = asyncio.Event()
-
-    async def slow(_request: Any, _n: int) -> aiohttp.web.Response:
-        await release.wait()
-        return aiohttp.web.Response(status=200)
-
-    receiver.responder = slow
+    receiver.responder = hanging_until(release)
     await subscribe(store, shop, receiver, "sales", "CLOSED")
     process = await spawn(environment(isolated_settings))
     await produce(producer, isolated_settings.event_topics[0], make_event(shop))

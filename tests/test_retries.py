@@ -16,7 +16,16 @@ from aiokafka.structs import TopicPartition
 from dispatcher.retry import RetryWorker
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
-from tests.conftest import WAIT, Mailbox, Receiver, Running, make_event, produce, subscribe
+from tests.conftest import (
+    WAIT,
+    Mailbox,
+    Receiver,
+    Running,
+    make_event,
+    new_shop,
+    produce,
+    subscribe,
+)
 
 StartDaemon = Callable[..., Awaitable[Running]]
 MakeReceiver = Callable[..., Awaitable[Receiver]]
@@ -279,8 +288,7 @@ async def test_mailbox_that_does_not_exist_does_not_hold_back_other_notices(
     receiver = await receiver_factory(responder=failing_then(None))
     shops = []
     for email in ("gone@shop.test", "dev@shop.test"):
-        info, _ = await store.issue_token(f"shop-{email}", "app")
-        shop = Principal(info.id, info.environment_id, info.client_id)
+        shop = await new_shop(store, f"shop-{email}")
         await store.create_webhook(
             shop, url=receiver.url, entity_name="sales", event_type="CLOSED", email=email
         )
