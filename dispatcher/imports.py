@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from dispatcher.events import Event
-from dispatcher.notification import Notification, notification_uuid
+from dispatcher.notification import Notification
 from dispatcher.sender import Sender
 from dispatcher.store import Webhook
 
@@ -111,15 +111,8 @@ class ImportBatcher:
     def _flush(self, key: BatchKey) -> None:
         batch = self._open.pop(key)
         self._open_entities -= len(batch.entities)
-        notification = Notification(
-            notification_uuid=notification_uuid(batch.first.event_id, batch.webhook.id),
-            webhook_id=batch.webhook.id,
-            type=batch.first.event_type,
-            entity_name=batch.first.entity_name,
-            environment_id=batch.first.environment_id,
-            client_id=batch.first.client_id,
-            from_user=batch.first.from_user,
-            entities=tuple(batch.entities),
+        notification = Notification.for_event(
+            batch.first, batch.webhook.id, entities=tuple(batch.entities)
         )
         previous = self._last_send.get(key)
         task = asyncio.ensure_future(self._send(batch, notification, previous))

@@ -49,7 +49,14 @@ class Notification:
     entities: tuple[dict[str, Any], ...]
 
     @classmethod
-    def for_event(cls, event: Event, webhook_id: uuid.UUID) -> Notification:
+    def for_event(
+        cls,
+        event: Event,
+        webhook_id: uuid.UUID,
+        entities: tuple[dict[str, Any], ...] | None = None,
+    ) -> Notification:
+        """The notification of ``event`` to a webhook; ``entities`` replaces the event's
+        one entity for an import batch (whose first event ``event`` is)."""
         return cls(
             notification_uuid=notification_uuid(event.event_id, webhook_id),
             webhook_id=webhook_id,
@@ -58,7 +65,7 @@ class Notification:
             environment_id=event.environment_id,
             client_id=event.client_id,
             from_user=event.from_user,
-            entities=(event.entity,),
+            entities=(event.entity,) if entities is None else entities,
         )
 
     def body(self, n_retry: int, sent_at: datetime) -> bytes:
