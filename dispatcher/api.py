@@ -3,17 +3,22 @@
 Routes (the OpenAPI 3.1 document ``openapi.json`` of this package, linked from
 ``schemas/openapi.json``, describes them in full)::
 
-    POST   /webhooks        subscribe; kept only if the signed SUBSCRIBED test POST gets 200
-    GET    /webhooks        the shop's webhooks (``pagination=true&per_page=N&page=K``)
-    GET    /webhooks/{id}   one webhook
-    DELETE /webhooks/{id}   unsubscribe (204)
-    PUT, PATCH              405: delete the webhook and create it again
-    GET    /openapi.json    the OpenAPI document (no token needed)
+    POST   /webhooks                     subscribe; kept only if the signed SUBSCRIBED test
+                                         POST gets 200; the answer shows the signing secret
+    GET    /webhooks                     the shop's webhooks (``pagination=true&...``)
+    GET    /webhooks/{id}                one webhook, without its secret
+    DELETE /webhooks/{id}                unsubscribe (204)
+    PUT, PATCH /webhooks/{id}            405: delete the webhook and create it again
+    GET    /webhooks/{id}/secret         the signing secret
+    POST   /webhooks/{id}/secret/rotate  a new signing secret; the old one keeps signing
+                                         too for ``DISPATCHER_SECRET_ROTATION_GRACE_SECONDS``
+    GET    /openapi.json                 the OpenAPI document (no token needed)
 
 Every answer with a body is JSON; every error is ``{"error": {"type", "code", "message"}}`` (plus
-``field`` when one field of the request is at fault). A shop never learns whether another
-shop's webhook exists: it gets the same 404 as for a missing one. Running dispatchers
-hear of changes through the ``webhooks`` table's NOTIFY trigger, nothing here.
+``field`` when one field of the request is at fault). The signing secret is in no answer but
+the create's and the two ``/secret`` routes', and never in a log line. A shop never learns
+whether another shop's webhook exists: it gets the same 404 as for a missing one. Running
+dispatchers hear of changes through the ``webhooks`` table's NOTIFY trigger, nothing here.
 """
 
 from __future__ import annotations
@@ -133,6 +138,8 @@ def create_app(
     router.add_delete("/webhooks/{id}", handlers.delete_webhook)
     for method in sorted(REFUSED_METHODS):
         router.add_route(method, "/webhooks/{id}", handlers.refuse_change)
+    router.add_get("/webhooks/{id}/secret", handlers.get_secret, allow_head=False)
+    router.add_post("/webhooks/{id}/secret/rotate", handlers.rotate_secret)
     router.add_get("/openapi.json", handlers.openapi, allow_head=False)
     return app
 
@@ -187,7 +194,7 @@ class _Handlers:
             event_type=webhook.event_type,
         )
         location = f"/webhooks/{webhook.id}"
-        return _json(webhook.public(), status=201, headers={hdrs.LOCATION: location})
+        return _json(webhook.with_secret(), status=201, headers={hdrs.LOCATION: location})
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
@@ -224,6 +231,29 @@ class _Handlers:
         )
         return web.Response(status=204)
 
+    async def get_secret(self, request: web.Request) -> web.Response:
+        principal = await _authenticate(request, self._store)
+        webhook = await self._own_webhook(request, principal)
+        # Only the current secret and when the previous one stops signing: the previous
+        # secret itself is never answered (the shop had it; after a leak it must not travel).
+        return _json(webhook.secret_info(time.time()))
+
+    async def rotate_secret(self, request: web.Request) -> web.Response:
+        principal = await _authenticate(request, self._store)
+        grace = self._settings.secret_rotation_grace_seconds
+        webhook = await self._store.rotate_secret(
+            principal.environment_id, _webhook_id(request), grace
+        )
+        if webhook is None:
+            raise _not_found(request)
+        log.info(
+            "webhook_secret_rotated",
+            webhook_id=str(webhook.id),
+            environment_id=webhook.environment_id,
+            grace_seconds=grace,
+        )
+        return _json(webhook.secret_info(time.time()))
+
     async def refuse_change(self, request: web.Request) -> web.Response:
         raise ApiError(
             405,
@@ -237,11 +267,7 @@ class _Handlers:
 
     async def _own_webhook(self, request: web.Request, principal: Principal) -> Webhook:
         """The webhook of the path if it is the principal's shop's, else 404."""
-        try:
-            webhook_id = uuid.UUID(request.match_info["id"])
-        except ValueError:
-            raise _not_found(request) from None
-        webhook = await self._store.get_webhook(principal.environment_id, webhook_id)
+        webhook = await self._store.get_webhook(principal.environment_id, _webhook_id(request))
         if webhook is None:
             raise _not_found(request)
         return webhook
@@ -510,6 +536,14 @@ def _duplicate(sub: Subscription, existing_id: uuid.UUID | None) -> ApiError:
         f"this shop already has a webhook{which} for {sub.entity_name} {sub.event_type}; "
         "delete it to subscribe again",
     )
+
+
+def _webhook_id(request: web.Request) -> uuid.UUID:
+    """The webhook id of the path; 404 when it is not a UUID, like a missing webhook."""
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise _not_found(request) from None
 
 
 def _not_found(request: web.Request) -> ApiError:

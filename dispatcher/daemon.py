@@ -31,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from dispatcher import __version__, catalog, db
 from dispatcher.backoff import Backoff
 from dispatcher.cache import CacheSync, SubscriptionCache
+from dispatcher.deadletter import DeadLetters
 from dispatcher.delivery import HttpClient
 from dispatcher.dispatch import EventWorker
 from dispatcher.imports import ImportBatcher
@@ -155,6 +156,7 @@ class Daemon:
         if not await self._retry_kafka("start the producer", producer.start):
             return
         stack.push_async_callback(producer.stop)
+        dead_letters = DeadLetters(producer, s.dead_letter_topic)
         scheduler = self.scheduler = RetryScheduler(producer, s, self.clock)
         sender = self.sender = Sender(
             http,
@@ -175,17 +177,19 @@ class Daemon:
             self._background(group, batcher.run(), "import-linger")
             consumer = _consumer(s, s.consumer_group)
             events = self.event_worker = EventWorker(
-                consumer, producer, sender, self.cache, the_catalog, batcher, s
+                consumer, dead_letters, sender, self.cache, the_catalog, batcher, s
             )
             consumer.subscribe(list(s.event_topics), listener=events.listener())
             await self._start_worker(group, events)
         if self.role in ("all", "retry"):
             consumer = _consumer(s, f"{s.consumer_group}-retries")
-            retries = self.retry_worker = RetryWorker(consumer, sender, self.cache, s, self.clock)
+            retries = self.retry_worker = RetryWorker(
+                consumer, dead_letters, sender, self.cache, s, self.clock
+            )
             consumer.subscribe([s.retry_topic], listener=retries.listener())
             await self._start_worker(group, retries)
             consumer = _consumer(s, f"{s.consumer_group}-notices", max_poll_interval_ms=86_400_000)
-            notices = self.notice_worker = NoticeWorker(consumer, s)
+            notices = self.notice_worker = NoticeWorker(consumer, s, dead_letters=dead_letters)
             consumer.subscribe([s.notice_topic], listener=notices.listener())
             await self._start_worker(group, notices)
 
@@ -211,6 +215,7 @@ class Daemon:
     async def _start_worker(self, group: asyncio.TaskGroup, worker: KafkaWorker) -> None:
         if not await self._retry_kafka(f"start the {worker.name} consumer", worker.consumer.start):
             return
+        worker.undecodable.skip = self.settings.skip_undecodable_batches
         self.workers.append(worker)
         self._worker_tasks.append(group.create_task(worker.run(self.stop), name=worker.name))
 
@@ -265,12 +270,14 @@ class Daemon:
         if self.stop.is_set():
             checks["shutdown"] = "stopping"
         if self.consumes:
-            checks["cache"] = "ok" if self.cache.warm.is_set() else "loading"
+            checks["cache"] = "ok" if self.cache.current.is_set() else self.cache.stale_reason
             unassigned = [w.name for w in self.workers if not w.assigned.is_set()]
             if not self.workers or unassigned:
                 checks["kafka"] = f"not assigned: {', '.join(unassigned) or 'starting'}"
             else:
                 checks["kafka"] = await _kafka_check(self.settings.kafka_bootstrap)
+            stuck = [reason for w in self.workers for reason in w.undecodable.reasons()]
+            checks["decoding"] = "ok" if not stuck else "undecodable batch: " + "; ".join(stuck)
         checks["database"] = await self._database_check()
         return _health(checks)
 

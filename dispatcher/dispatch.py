@@ -3,33 +3,33 @@
 Per record: a malformed event goes to the dead-letter topic with the reason in its
 headers; a pair outside the catalog and an import movement are counted and skipped; an
 import entity of a batched entity joins its import batch; every other matched event
-becomes one notification. The record's offset finishes when all of that is durable.
+becomes one notification. An event no webhook matches is dropped only once the
+subscription cache is known to hold every change committed before the event was consumed
+(:meth:`~dispatcher.cache.SubscriptionCache.barrier`); matched then, it is delivered. The
+record's offset finishes when all of that is durable.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.structs import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from dispatcher import durable
 from dispatcher.cache import SubscriptionCache
 from dispatcher.catalog import Catalog
+from dispatcher.deadletter import DeadLetters
 from dispatcher.events import Event, InvalidEvent, decode
 from dispatcher.imports import ImportBatcher
 from dispatcher.notification import Notification
 from dispatcher.sender import Sender
 from dispatcher.settings import Settings
 from dispatcher.store import Webhook
-from dispatcher.worker import KafkaWorker
+from dispatcher.worker import KafkaWorker, Record
 
 log = structlog.get_logger(__name__)
-
-REASON_HEADER = "dispatcher-dead-letter-reason"
-SOURCE_HEADER = "dispatcher-dead-letter-source"
 
 
 class EventWorker(KafkaWorker):
@@ -40,7 +40,7 @@ class EventWorker(KafkaWorker):
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        dead_letters: DeadLetters,
         sender: Sender,
         cache: SubscriptionCache,
         catalog: Catalog,
@@ -51,83 +51,87 @@ class EventWorker(KafkaWorker):
             consumer,
             max_pending=settings.max_in_flight * 4,
             drain_timeout=settings.drain_timeout_seconds,
+            dead_letters=dead_letters,
+            gate=cache,
         )
-        self._producer = producer
+        self._invalid = dead_letters  # events that break the contract go there too
         self._sender = sender
         self._cache = cache
         self._catalog = catalog
         self._batcher = batcher
-        self._dead_letter_topic = settings.dead_letter_topic
         self.counts: Counter[str] = Counter()
 
-    async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
-        for record in records:
-            if not self.accepting(tp):
-                return
-            self.counts["consumed"] += 1
-            try:
-                event = decode(record.value)
-            except InvalidEvent as exc:
-                self.counts[f"dead_letter_{exc.kind}"] += 1
-                await self.track(tp, record.offset, self._dead_letter(record, exc.reason))
-                continue
-            await self._route(tp, record.offset, event)
-
-    async def _route(self, tp: TopicPartition, offset: int, event: Event) -> None:
+    async def handle(self, tp: TopicPartition, record: Record) -> None:
+        self.counts["consumed"] += 1
+        try:
+            event = decode(record.value)
+        except InvalidEvent as exc:
+            self.counts[f"dead_letter_{exc.kind}"] += 1
+            await self.track(tp, record, self._invalid.send(record, exc.reason))
+            return
         if not self._catalog.allows(event.entity_name, event.event_type):
             self.counts["outside_catalog"] += 1
-            log.debug("event_outside_catalog", entity=event.entity_name, event=event.event_type)
-            await self.track(tp, offset, None)
+            log.debug(
+                "event_outside_catalog",
+                entity_name=event.entity_name,
+                event_type=event.event_type,
+                offset=record.offset,
+            )
+            await self.track(tp, record, None)
             return
         policy = self._catalog.import_policy(event.entity_name)
-        webhook = self._cache.match(event.environment_id, event.entity_name, event.event_type)
         if event.import_id is not None and policy != "single":
-            await self._route_import(tp, offset, event, webhook, batch=policy == "batch")
+            await self._route_import(tp, record, event, batch=policy == "batch")
             return
+        webhook = self._cache.match(event.environment_id, event.entity_name, event.event_type)
         if webhook is None:
-            self.counts["unmatched"] += 1
-            await self.track(tp, offset, None)
+            await self.track(tp, record, self._unmatched(event))
             return
         notification = Notification.for_event(event, webhook.id)
-        await self.track(tp, offset, self._deliver(webhook, notification))
+        await self.track(tp, record, self._deliver(webhook, notification))
 
     async def _route_import(
-        self, tp: TopicPartition, offset: int, event: Event, webhook: Webhook | None, *, batch: bool
+        self, tp: TopicPartition, record: Record, event: Event, *, batch: bool
     ) -> None:
         assert event.import_id is not None
+        work: Awaitable[None] | None = None
         if not batch:
             self.counts["import_skipped"] += 1
-            work = None
-        elif webhook is None:
-            self.counts["unmatched"] += 1
-            work = None
         else:
-            await self._batcher.room()
-            work = self._batcher.add(event, webhook)
+            webhook = self._cache.match(event.environment_id, event.entity_name, event.event_type)
+            if webhook is None:
+                work = self._unmatched(event)
+            else:
+                await self._batcher.room()
+                work = self._batcher.add(event, webhook)
         if event.import_end:
             self._batcher.end(event.environment_id, event.import_id)
-        await self.track(tp, offset, work, bounded=False)
+        await self.track(tp, record, work, bounded=False)  # bounded by the batcher
+
+    async def _unmatched(self, event: Event) -> None:
+        """No webhook matched: drop the event once the cache is known to be current."""
+        await self._cache.barrier()
+        webhook = self._cache.match(event.environment_id, event.entity_name, event.event_type)
+        if webhook is None:
+            self.counts["unmatched"] += 1
+            return
+        log.info(
+            "event_matched_after_barrier",
+            webhook_id=str(webhook.id),
+            environment_id=event.environment_id,
+        )
+        if event.import_id is not None:
+            await self._batcher.room()
+            await self._batcher.add(event, webhook)
+            return
+        await self._deliver(webhook, Notification.for_event(event, webhook.id))
 
     async def _deliver(self, webhook: Webhook, notification: Notification) -> None:
         await self._sender.deliver(webhook, notification, 0)
 
-    async def _dead_letter(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
-        log.warning(
-            "event_dead_lettered",
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
-        headers = [
-            *(record.headers or ()),
-            (REASON_HEADER, reason.encode("utf-8")),
-            (SOURCE_HEADER, f"{record.topic}/{record.partition}/{record.offset}".encode()),
-        ]
-        await durable.send(
-            self._producer, self._dead_letter_topic, record.value, key=record.key, headers=headers
-        )
+    def hand_off(self) -> None:
+        self._sender.hand_off()
 
-    async def drain(self, within: float, partitions: Any = None) -> None:
+    async def drain(self, within: float, partitions: Any = None) -> int:
         self._batcher.flush_all()  # open batches hold offsets: send them before waiting
-        await super().drain(within, partitions)
+        return await super().drain(within, partitions)

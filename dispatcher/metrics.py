@@ -64,6 +64,7 @@ class _StateCollector(Collector):
         yield from _events(d)
         yield from _retries(d)
         yield from _notices(d)
+        yield from _undecodable(d)
         yield _gauge(
             "webhook_deliveries_in_flight",
             "Delivery attempts under way now.",
@@ -82,6 +83,28 @@ class _StateCollector(Collector):
             "webhook_import_batches_open", "Import batches waiting to be sent.",
             len(d.batcher) if d.batcher else 0,
         )  # fmt: skip
+        yield _gauge(
+            "webhook_cache_current",
+            "1 while the subscription cache is known to be current (listening and loaded); "
+            "0 while it is loading or its database connection is lost (consumers pause).",
+            1.0 if d.cache.current.is_set() else 0.0,
+        )
+        paused = GaugeMetricFamily(
+            "webhook_consumer_paused",
+            "1 while a consumer is paused because the subscription cache is not current.",
+            labels=["consumer"],
+        )
+        errors = CounterMetricFamily(
+            "webhook_record_errors",
+            "Records whose handling raised an unexpected error (a bug): each was logged "
+            "with its traceback and sent to the dead-letter topic, reason 'internal: ...'.",
+            labels=["consumer"],
+        )
+        for worker in d.workers:
+            paused.add_metric([worker.name], 0.0 if worker.paused_reason is None else 1.0)
+            errors.add_metric([worker.name], worker.record_errors)
+        yield paused
+        yield errors
         lag = GaugeMetricFamily(
             "webhook_consumer_lag",
             "Records behind the end of each assigned partition, per consumer.",
@@ -150,6 +173,30 @@ def _notices(d: Daemon) -> Iterator[Metric]:
         "Failed SMTP sends of notices (each is tried again until it goes through).",
         n.failed if n else 0,
     )
+
+
+def _undecodable(d: Daemon) -> Iterator[Metric]:
+    batches = CounterMetricFamily(
+        "webhook_undecodable_batches",
+        "Kafka record batches that could not be decoded (unsupported codec, bad CRC, "
+        "corrupt data), per consumer and topic: each stops its partition, or is skipped "
+        "with DISPATCHER_SKIP_UNDECODABLE_BATCHES.",
+        labels=["consumer", "topic"],
+    )
+    skipped = CounterMetricFamily(
+        "webhook_undecodable_offsets_skipped",
+        "Offsets skipped with the undecodable batches holding them "
+        "(DISPATCHER_SKIP_UNDECODABLE_BATCHES): their records are lost.",
+        labels=["consumer", "topic"],
+    )
+    for worker in d.workers:
+        state = worker.undecodable
+        for topic, count in state.batches.items():
+            batches.add_metric([worker.name, topic], count)
+        for topic, count in state.skipped.items():
+            skipped.add_metric([worker.name, topic], count)
+    yield batches
+    yield skipped
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

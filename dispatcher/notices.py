@@ -15,17 +15,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
-from typing import Any
 
 import aiosmtplib
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.structs import ConsumerRecord
 
 from dispatcher.backoff import Backoff
+from dispatcher.deadletter import DeadLetters
 from dispatcher.settings import Settings
-from dispatcher.worker import KafkaWorker
+from dispatcher.worker import KafkaWorker, Record
 
 log = structlog.get_logger(__name__)
 
@@ -160,9 +159,19 @@ class NoticeWorker(KafkaWorker):
     name = "notices"
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, settings: Settings, *, backoff_cap: float = 60.0
+        self,
+        consumer: AIOKafkaConsumer,
+        settings: Settings,
+        *,
+        dead_letters: DeadLetters | None = None,
+        backoff_cap: float = 60.0,
     ) -> None:
-        super().__init__(consumer, max_pending=1, drain_timeout=settings.drain_timeout_seconds)
+        super().__init__(
+            consumer,
+            max_pending=1,
+            drain_timeout=settings.drain_timeout_seconds,
+            dead_letters=dead_letters,
+        )
         self._settings = settings
         self._backoff_cap = backoff_cap
         # webhook id -> (its partition, the notices of the open window, the task that
@@ -172,20 +181,17 @@ class NoticeWorker(KafkaWorker):
         self.failed = 0
         self.rejected = 0
 
-    async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
-        for record in records:
-            if not self.accepting(tp):
-                return
-            try:
-                notice = Notice.decode(record.value)
-            except (ValueError, TypeError) as exc:
-                log.error("notice_malformed", error=str(exc), offset=record.offset)
-                await self.track(tp, record.offset, None)
-                continue
-            if self._settings.notice_digest_seconds > 0:
-                await self.track(tp, record.offset, self._digest(tp, notice), bounded=False)
-            else:
-                await self.track(tp, record.offset, self._send_until_done([notice]))
+    async def handle(self, tp: TopicPartition, record: Record) -> None:
+        try:
+            notice = Notice.decode(record.value)
+        except (ValueError, TypeError) as exc:
+            log.error("notice_malformed", error=str(exc), offset=record.offset)
+            await self.track(tp, record, None)
+            return
+        if self._settings.notice_digest_seconds > 0:
+            await self.track(tp, record, self._digest(tp, notice), bounded=False)
+        else:
+            await self.track(tp, record, self._send_until_done([notice]))
 
     def _digest(self, tp: TopicPartition, notice: Notice) -> asyncio.Task[None]:
         """The digest task this notice joins (started with the window's first notice).

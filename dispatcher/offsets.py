@@ -20,19 +20,21 @@ from collections import deque
 class PartitionOffsets:
     """Offsets handed out and finished, for one partition. Pure bookkeeping."""
 
-    __slots__ = ("_done", "_last_committed", "_pending", "_safe")
+    __slots__ = ("_done", "_last", "_last_committed", "_pending", "_safe")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()  # handed out, in order
         self._done: set[int] = set()  # finished, not yet at the head
         self._safe: int | None = None  # one past the last offset finished in order
         self._last_committed: int | None = None
+        self._last: int | None = None  # the last offset handed out
 
     def add(self, offset: int) -> None:
         """An offset was handed out; offsets must grow."""
-        if self._pending and offset <= self._pending[-1]:
-            raise ValueError(f"offset {offset} after {self._pending[-1]}")
+        if self._last is not None and offset <= self._last:
+            raise ValueError(f"offset {offset} after {self._last}")
         self._pending.append(offset)
+        self._last = offset
 
     def done(self, offset: int) -> None:
         """An offset finished (delivered, dead-lettered, handed to retry or skipped)."""
@@ -54,4 +56,10 @@ class PartitionOffsets:
 
     @property
     def in_flight(self) -> int:
+        """Offsets handed out and not yet finished in order."""
         return len(self._pending)
+
+    @property
+    def last(self) -> int | None:
+        """The last offset handed out (finished or not), or None."""
+        return self._last

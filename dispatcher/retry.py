@@ -16,23 +16,22 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 
 from dispatcher import durable
 from dispatcher.cache import SubscriptionCache
+from dispatcher.deadletter import DeadLetters
 from dispatcher.delivery import Outcome
 from dispatcher.notices import Notice
 from dispatcher.notification import Notification, iso_millis
 from dispatcher.sender import Clock, Sender
 from dispatcher.settings import Settings
 from dispatcher.store import Webhook
-from dispatcher.worker import KafkaWorker
+from dispatcher.worker import KafkaWorker, Record
 
 log = structlog.get_logger(__name__)
 
@@ -178,6 +177,7 @@ class RetryWorker(KafkaWorker):
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
+        dead_letters: DeadLetters,
         sender: Sender,
         cache: SubscriptionCache,
         settings: Settings,
@@ -187,6 +187,8 @@ class RetryWorker(KafkaWorker):
             consumer,
             max_pending=settings.max_in_flight * 4,
             drain_timeout=settings.drain_timeout_seconds,
+            dead_letters=dead_letters,
+            gate=cache,
         )
         self._sender = sender
         self._cache = cache
@@ -194,35 +196,43 @@ class RetryWorker(KafkaWorker):
         self._timers: dict[TopicPartition, asyncio.TimerHandle] = {}
         self.dropped = 0
 
-    async def process(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> None:
-        for record in records:
-            if not self.accepting(tp):
-                return
-            try:
-                retry = RetryRecord.decode(record.value)
-            except ValueError as exc:
-                log.error("retry_record_malformed", error=str(exc), offset=record.offset)
-                await self.track(tp, record.offset, None)
-                continue
-            wait = retry.due_ms / 1000 - self._clock()
-            if wait > 0:
-                self._hold(tp, record.offset, wait)
-                return
-            webhook = self._cache.get(retry.notification.webhook_id)
-            if webhook is None:
-                self.dropped += 1
-                log.info(
-                    "retry_dropped",
-                    reason="webhook deleted",
-                    webhook_id=str(retry.notification.webhook_id),
-                    notification_uuid=retry.notification.notification_uuid,
-                )
-                await self.track(tp, record.offset, None)
-                continue
-            await self.track(tp, record.offset, self._attempt(webhook, retry))
+    def accepting(self, tp: TopicPartition) -> bool:
+        return super().accepting(tp) and tp not in self._timers
 
-    async def _attempt(self, webhook: Webhook, retry: RetryRecord) -> None:
+    async def handle(self, tp: TopicPartition, record: Record) -> None:
+        try:
+            retry = RetryRecord.decode(record.value)
+        except ValueError as exc:
+            log.error("retry_record_malformed", error=str(exc), offset=record.offset)
+            await self.track(tp, record, None)
+            return
+        wait = retry.due_ms / 1000 - self._clock()
+        if wait > 0:
+            self._hold(tp, record.offset, wait)
+            return
+        await self.track(tp, record, self._attempt(retry))
+
+    async def _attempt(self, retry: RetryRecord) -> None:
+        webhook = self._cache.get(retry.notification.webhook_id)
+        if webhook is None:
+            await self._cache.barrier()  # deleted, or created after the cache last heard?
+            webhook = self._cache.get(retry.notification.webhook_id)
+        if webhook is None:
+            self.dropped += 1
+            log.info(
+                "retry_dropped",
+                reason="webhook deleted",
+                webhook_id=str(retry.notification.webhook_id),
+                notification_uuid=retry.notification.notification_uuid,
+            )
+            return
         await self._sender.deliver(webhook, retry.notification, retry.n_retry)
+
+    def hand_off(self) -> None:
+        self._sender.hand_off()
+
+    def held(self, tp: TopicPartition) -> bool:
+        return tp in self._timers
 
     def _hold(self, tp: TopicPartition, offset: int, wait: float) -> None:
         """Take nothing more from ``tp`` until the record at ``offset`` is due."""
@@ -238,8 +248,7 @@ class RetryWorker(KafkaWorker):
 
     def _release(self, tp: TopicPartition) -> None:
         self._timers.pop(tp, None)
-        if tp in self.consumer.assignment():
-            self.consumer.resume(tp)
+        self.resume(tp)
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,6 +29,7 @@ log = structlog.get_logger("dispatcher.delivery")
 Clock = Callable[[], float]  # Unix seconds, like time.time
 QUEUE_FACTOR = 8  # per endpoint: attempts under way or waiting, in in-flight bounds
 SLOW_SECONDS = 1.0  # an endpoint whose attempts take longer may have attempts deferred
+HANDED_OFF = "shutting down: handed to the delay topic"
 
 
 class FailureHandler(Protocol):
@@ -89,6 +90,8 @@ class Sender:
         self._gates: dict[str, _EndpointGate] = {}
         self._clock = clock
         self._keys: dict[str, bytes] = {}
+        self._attempts: set[asyncio.Task[Any]] = set()  # tasks with an attempt waiting or under way
+        self._handing_off = False
         self.in_flight = 0
 
     async def deliver(self, webhook: Webhook, notification: Notification, n_retry: int) -> Outcome:
@@ -97,14 +100,25 @@ class Sender:
         A slow endpoint (attempts taking over ``SLOW_SECONDS``) that already has
         ``QUEUE_FACTOR`` times its in-flight bound under way or waiting gets no more: the
         attempt is deferred to the delay topic, so the consumer keeps its slots for other
-        endpoints. A fast endpoint with a burst queued is not deferred.
+        endpoints. A fast endpoint with a burst queued is not deferred. After
+        :meth:`hand_off`, attempts waiting or under way are deferred too.
         """
+        if self._handing_off:
+            return await self._defer(webhook, notification, n_retry, HANDED_OFF)
         endpoint = _endpoint(webhook.url)
         gate = self._gates.get(endpoint)
         if gate is None:
             gate = self._gates[endpoint] = _EndpointGate(self._per_endpoint)
         if gate.users >= self._per_endpoint * QUEUE_FACTOR and gate.slow(time.monotonic()):
-            return await self._defer(webhook, notification, n_retry, gate.users)
+            return await self._defer(
+                webhook,
+                notification,
+                n_retry,
+                f"{gate.users} deliveries already under way or waiting",
+            )
+        task = asyncio.current_task()
+        if task is not None:
+            self._attempts.add(task)
         gate.users += 1
         try:
             async with gate.semaphore, self._global:
@@ -116,7 +130,14 @@ class Sender:
                 finally:
                     self.in_flight -= 1
                     gate.finished(started, time.monotonic())
+        except asyncio.CancelledError:
+            if not self._handing_off or task is None:
+                raise
+            task.uncancel()  # cancelled by hand_off: the attempt goes to the delay topic
+            return await self._defer(webhook, notification, n_retry, HANDED_OFF)
         finally:
+            if task is not None:
+                self._attempts.discard(task)
             gate.users -= 1
             if gate.users == 0:
                 del self._gates[endpoint]
@@ -127,12 +148,22 @@ class Sender:
             await self._failures.failed(webhook, notification, n_retry, body, outcome)
         return outcome
 
+    def hand_off(self) -> None:
+        """Shutting down and out of drain time: every attempt waiting for a slot or under
+        way is given up and deferred to the delay topic (no mail), and so is every later
+        one, so that the consumers can commit every offset. An attempt given up while its
+        POST was under way had no answer yet: the endpoint gets it again later."""
+        if self._handing_off:
+            return
+        self._handing_off = True
+        log.warning("deliveries_handed_off", attempts=len(self._attempts))
+        for task in list(self._attempts):
+            task.cancel()
+
     async def _defer(
-        self, webhook: Webhook, notification: Notification, n_retry: int, waiting: int
+        self, webhook: Webhook, notification: Notification, n_retry: int, reason: str
     ) -> Outcome:
-        outcome = Outcome(
-            None, "deferred", f"{waiting} deliveries already under way or waiting", 0.0
-        )
+        outcome = Outcome(None, "deferred", reason, 0.0)
         _log_attempt(webhook, notification, n_retry, outcome)
         if self._metrics is not None:
             self._metrics.deliveries.labels("deferred").inc()
@@ -144,12 +175,16 @@ class Sender:
     ) -> tuple[bytes, Outcome]:
         now = self._clock()
         body = notification.body(n_retry, datetime.fromtimestamp(now, UTC))
-        key = self._keys.get(webhook.secret)
-        if key is None:
-            key = self._keys[webhook.secret] = signing.secret_key(webhook.secret)
-            if len(self._keys) > 100_000:  # bounded: secrets of deleted webhooks go away
-                self._keys.clear()
-        headers = signing.headers(key, notification.notification_uuid, int(now), body)
+        # The current secret, and during a rotation's grace period the previous one too.
+        keys = []
+        for secret in webhook.signing_secrets(now):
+            key = self._keys.get(secret)
+            if key is None:
+                if len(self._keys) >= 100_000:  # bounded: secrets of deleted webhooks go away
+                    self._keys.clear()
+                key = self._keys[secret] = signing.secret_key(secret)
+            keys.append(key)
+        headers = signing.headers(keys, notification.notification_uuid, int(now), body)
         return body, await self._http.post(webhook.url, body, headers)
 
 

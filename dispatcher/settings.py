@@ -125,6 +125,15 @@ def _log_level(raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(raw).upper()
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false (also 1/0, yes/no, on/off), got {raw!r}")
+
+
 def _database_url(raw: str) -> str:
     value = _str(raw)
     if not value.startswith(("postgresql://", "postgres://")):
@@ -174,6 +183,12 @@ class Settings:
     dead_letter_topic: str = _setting(
         "webhook-dead-letters", _topic, "Topic that receives malformed events, with the reason."
     )
+    skip_undecodable_batches: bool = _setting(
+        False,
+        _bool,
+        "true: skip a Kafka record batch that cannot be decoded (offsets logged, records "
+        "lost); false: its partition waits at it and /readyz fails.",
+    )
     retry_topic: str = _setting("webhook-retries", _topic, "Delay topic holding scheduled retries.")
     notice_topic: str = _setting(
         "webhook-notices", _topic, "Topic queueing failure notices until they are mailed."
@@ -203,6 +218,11 @@ class Settings:
     )
     tls_ca_file: str = _setting(
         "", _optional_str, "Extra CA bundle (PEM) trusted for webhook endpoints."
+    )
+    secret_rotation_grace_seconds: float = _setting(
+        86_400.0,
+        _seconds(allow_zero=True),
+        "After a secret rotation, how long the old secret still signs deliveries too.",
     )
     cache_resync_seconds: float = _setting(
         300.0, _seconds(), "Full re-sync period of the subscription cache (safety net)."
@@ -269,6 +289,8 @@ def documentation() -> list[tuple[str, str, str]]:
         default = f.default
         if isinstance(default, tuple):
             shown = ",".join(str(d) for d in default)
+        elif isinstance(default, bool):
+            shown = str(default).lower()
         elif isinstance(default, float) and default.is_integer():
             shown = str(int(default))
         else:

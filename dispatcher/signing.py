@@ -3,6 +3,9 @@
 Each POST carries ``webhook-id``, ``webhook-timestamp`` (Unix seconds) and
 ``webhook-signature: v1,<base64 HMAC-SHA256 of "id.timestamp.body">``, keyed by the
 webhook's secret (``whsec_`` + base64 key), so any Standard Webhooks library verifies us.
+During a secret rotation's grace period the header holds one signature per secret,
+space-separated, the new secret's first (``v1,<new> v1,<old>``); Standard Webhooks
+verifiers accept the message when any of them matches.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from dispatcher.store import SECRET_PREFIX
 
@@ -19,15 +23,27 @@ def secret_key(secret: str) -> bytes:
     return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
 
 
-def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
-    """The ``webhook-signature`` header value for one request."""
+def sign(key: bytes | Sequence[bytes], msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value for one request, signed with each key in turn.
+
+    >>> sign(b"k", "msg_1", 1, b"{}") == sign([b"k"], "msg_1", 1, b"{}")
+    True
+    >>> len(sign([b"new", b"old"], "msg_1", 1, b"{}").split(" "))
+    2
+    """
+    keys = (key,) if isinstance(key, bytes) else key
     signed = b"%s.%d.%s" % (msg_id.encode("ascii"), timestamp, body)
-    digest = hmac.new(key, signed, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode("ascii")
+    return " ".join(
+        "v1," + base64.b64encode(hmac.new(k, signed, hashlib.sha256).digest()).decode("ascii")
+        for k in keys
+    )
 
 
-def headers(key: bytes, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """The three Standard Webhooks headers."""
+def headers(
+    key: bytes | Sequence[bytes], msg_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The three Standard Webhooks headers; ``key`` is one HMAC key or several, the newest
+    first (see :func:`sign`)."""
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
@@ -50,11 +50,15 @@ class Webhook:
     event_type: str
     url: str
     email: str
-    secret: str
+    secret: str = field(repr=False)  # never in a repr, so never in a log line by accident
     created_at: datetime
+    # The secret replaced by the last rotation, still signing deliveries until
+    # ``previous_secret_until``; both None when the webhook was never rotated.
+    previous_secret: str | None = field(default=None, repr=False)
+    previous_secret_until: datetime | None = None
 
     def public(self) -> dict[str, str]:
-        """The API representation (the owner may read the secret)."""
+        """The API representation, without the secret (see :meth:`with_secret`)."""
         return {
             "id": str(self.id),
             "url": self.url,
@@ -63,9 +67,31 @@ class Webhook:
             "email": self.email,
             "environment_id": self.environment_id,
             "client_id": self.client_id,
-            "created_at": self.created_at.isoformat().replace("+00:00", "Z"),
-            "secret": self.secret,
+            "created_at": _iso(self.created_at),
         }
+
+    def with_secret(self) -> dict[str, str]:
+        """:meth:`public` plus the signing secret: only the answer of the create shows it."""
+        return {**self.public(), "secret": self.secret}
+
+    def secret_info(self, now: float) -> dict[str, str | None]:
+        """The answer of ``/secret`` and ``/secret/rotate`` at ``now`` (Unix seconds): the
+        secret, and until when the previous one still signs deliveries too (None if it no
+        longer does, or never did).
+
+        The previous secret itself is never shown: its owner had it already, and a rotation
+        after a leak must not hand the leaked secret out again.
+        """
+        until = self.previous_secret_until
+        shown = _iso(until) if until is not None and len(self.signing_secrets(now)) > 1 else None
+        return {"secret": self.secret, "previous_secret_expires_at": shown}
+
+    def signing_secrets(self, now: float) -> tuple[str, ...]:
+        """The secrets that sign a delivery at ``now`` (Unix seconds), the current one first."""
+        until = self.previous_secret_until
+        if self.previous_secret is None or until is None or until.timestamp() <= now:
+            return (self.secret,)
+        return (self.secret, self.previous_secret)
 
 
 class DuplicateWebhook(Exception):
@@ -86,8 +112,13 @@ def new_secret() -> str:
 
 
 _WEBHOOK_COLUMNS = (
-    "id, environment_id, client_id, entity_name, event_type, url, email, secret, created_at"
+    "id, environment_id, client_id, entity_name, event_type, url, email, secret, created_at, "
+    "previous_secret, previous_secret_until"
 )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def _webhook(row: asyncpg.Record) -> Webhook:
@@ -221,6 +252,32 @@ class Store:
             offset,
         )
         return [_webhook(r) for r in rows]
+
+    async def rotate_secret(
+        self, environment_id: str, webhook_id: uuid.UUID, grace_seconds: float
+    ) -> Webhook | None:
+        """Give the webhook a new secret; the old one keeps signing for ``grace_seconds``.
+
+        One UPDATE, so concurrent rotations serialize on the row. Rotating again within the
+        grace period replaces the previous secret with the one being rotated out now: the
+        newest previous secret wins, the older one stops signing at once. A grace of 0 keeps
+        no previous secret. None if the shop has no such webhook. Running dispatchers hear
+        of it through the NOTIFY trigger.
+        """
+        row = await self._pool.fetchrow(
+            f"""UPDATE webhooks
+                SET previous_secret = CASE WHEN $3::float8 > 0 THEN secret END,
+                    previous_secret_until = CASE WHEN $3::float8 > 0
+                        THEN now() + make_interval(secs => $3::float8) END,
+                    secret = $4
+                WHERE id = $1 AND environment_id = $2
+                RETURNING {_WEBHOOK_COLUMNS}""",  # noqa: S608 - constant column list
+            webhook_id,
+            environment_id,
+            grace_seconds,
+            new_secret(),
+        )
+        return _webhook(row) if row else None
 
     async def delete_webhook(self, environment_id: str, webhook_id: uuid.UUID) -> bool:
         result = await self._pool.execute(

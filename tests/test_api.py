@@ -8,34 +8,40 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaProducer
 from jsonschema import Draft202012Validator
 from standardwebhooks.webhooks import Webhook as StandardWebhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from dispatcher import catalog
 from dispatcher.api import MAX_BODY, create_app
 from dispatcher.delivery import HttpClient
 from dispatcher.settings import Settings
-from dispatcher.store import Store
-from tests.conftest import WAIT, Receiver, free_port
+from dispatcher.store import Principal, Store
+from tests.conftest import WAIT, Receiver, Running, free_port, make_event, produce
 
 OPENAPI = Path(__file__).resolve().parent.parent / "schemas" / "openapi.json"
 SALES = {"entity_name": "sales", "event_type": "CLOSED", "email": "dev@example.com"}
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 ReceiverFactory = Callable[..., Awaitable[Receiver]]
+StartDaemon = Callable[..., Awaitable[Running]]
+SHOP_1 = Principal(uuid.uuid4(), "shop-1", "client-1")  # the shop of the ``token`` fixture
 
 
 # --- the API under test, and the OpenAPI document checking its answers --------------
@@ -184,6 +190,11 @@ async def count_rows(pool: asyncpg.Pool) -> int:
     return int(value)
 
 
+def without_secret(webhook: Mapping[str, Any]) -> dict[str, Any]:
+    """The webhook of a create's answer as reads and lists show it: without its secret."""
+    return {k: v for k, v in webhook.items() if k != "secret"}
+
+
 # --- creating -------------------------------------------------------------------------
 
 
@@ -202,7 +213,7 @@ async def test_create_answers_201_with_the_webhook(
     assert reply.headers["Location"] == f"/webhooks/{webhook['id']}"
     fetched = await api.call("GET", reply.headers["Location"], token=token)
     assert fetched.status == 200
-    assert fetched.body == webhook
+    assert fetched.body == without_secret(webhook)
 
 
 async def test_subscribed_message_is_documented_shape_and_signed(
@@ -283,6 +294,8 @@ async def test_missing_or_unknown_token_is_401(api: Api, subtests: pytest.Subtes
         ("GET", f"/webhooks/{uuid.uuid4()}", None),
         ("DELETE", f"/webhooks/{uuid.uuid4()}", None),
         ("POST", "/webhooks", {"url": "x"}),
+        ("GET", f"/webhooks/{uuid.uuid4()}/secret", None),
+        ("POST", f"/webhooks/{uuid.uuid4()}/secret/rotate", None),
     ]
     for headers, hint in UNAUTHORIZED:
         for method, path, body in requests:
@@ -602,11 +615,12 @@ async def test_delete_answers_204_and_the_webhook_is_gone(
 async def test_malformed_or_missing_id_is_404(
     api: Api, token: str, subtests: pytest.Subtests
 ) -> None:
-    """An id that is not a UUID, or no webhook's, answers 404 for reads and deletes."""
+    """An id that is not a UUID, or no webhook's, answers 404 for reads, deletes and secrets."""
+    routes = [("GET", ""), ("DELETE", ""), ("GET", "/secret"), ("POST", "/secret/rotate")]
     for raw_id in ["not-a-uuid", "123", "%00", "%2F", "0" * 200, str(uuid.uuid4())]:
-        for method in ["GET", "DELETE"]:
-            with subtests.test(method=method, id=raw_id):
-                reply = await api.call(method, f"/webhooks/{raw_id}", token=token)
+        for method, suffix in routes:
+            with subtests.test(method=method, id=raw_id, suffix=suffix):
+                reply = await api.call(method, f"/webhooks/{raw_id}{suffix}", token=token)
                 assert reply.status == 404
                 assert reply.error["type"] == "not_found"
 
@@ -635,7 +649,7 @@ async def test_another_token_of_the_same_shop_sees_its_webhooks(
     created = await api.create(token, receiver.url, **SALES)
     _, second = await store.issue_token("shop-1", "another-integration")
     listed = await api.call("GET", "/webhooks", token=second)
-    assert listed.body == [created.body]
+    assert listed.body == [without_secret(created.body)]
 
 
 async def test_list_pages_from_zero(api: Api, token: str, receiver: Receiver) -> None:
@@ -686,6 +700,153 @@ async def test_bad_pagination_is_400_naming_the_parameter(
             assert reply.status == 400
             assert reply.error["field"] == field
             assert reply.error["message"].startswith(f"{field}: ")
+
+
+# --- the signing secret -------------------------------------------------------------
+
+
+async def test_reads_and_lists_never_show_the_secret(
+    api: Api, token: str, receiver: Receiver
+) -> None:
+    """GET /webhooks/{id} and GET /webhooks, plain or paged, answer without the secret."""
+    created = await api.create(token, receiver.url, **SALES)
+    one = await api.call("GET", f"/webhooks/{created.body['id']}", token=token)
+    plain = await api.call("GET", "/webhooks", token=token)
+    paged = await api.call("GET", "/webhooks?pagination=true", token=token)
+    for webhook in [one.body, *plain.body, *paged.body["results"]]:
+        assert webhook == without_secret(created.body)
+    for reply in [one, plain, paged]:
+        assert created.body["secret"] not in orjson.dumps(reply.body).decode()
+
+
+async def test_secret_route_shows_the_secret(api: Api, token: str, receiver: Receiver) -> None:
+    """GET /webhooks/{id}/secret answers the secret of the create, and no previous one."""
+    created = await api.create(token, receiver.url, **SALES)
+    reply = await api.call("GET", f"/webhooks/{created.body['id']}/secret", token=token)
+    assert reply.status == 200
+    assert reply.body == {"secret": created.body["secret"], "previous_secret_expires_at": None}
+
+
+async def test_another_shop_cannot_read_or_rotate_the_secret(
+    api: Api, token: str, other_token: str, receiver: Receiver
+) -> None:
+    """Another shop reading or rotating a webhook's secret gets the 404 of a missing one."""
+    created = await api.create(token, receiver.url, **SALES)
+    webhook_id = created.body["id"]
+    path = f"/webhooks/{webhook_id}/secret"
+    for method, route in [("GET", path), ("POST", f"{path}/rotate")]:
+        reply = await api.call(method, route, token=other_token)
+        assert reply.status == 404
+        assert reply.error == {
+            "type": "not_found",
+            "code": 404,
+            "message": f"no webhook with id {webhook_id!r}",
+        }
+    unchanged = await api.call("GET", path, token=token)
+    assert unchanged.body == {"secret": created.body["secret"], "previous_secret_expires_at": None}
+
+
+async def test_rotation_answers_a_new_secret_and_logs_no_secret(
+    api_factory: ApiFactory, token: str, receiver: Receiver, store: Store
+) -> None:
+    """A rotation answers a new secret, the old one signing too until the grace period ends."""
+    api = await api_factory(secret_rotation_grace_seconds=3600)
+    created = await api.create(token, receiver.url, **SALES)
+    webhook_id, old = created.body["id"], created.body["secret"]
+    before = datetime.now(UTC)
+    with structlog.testing.capture_logs() as logs:
+        rotated = await api.call("POST", f"/webhooks/{webhook_id}/secret/rotate", token=token)
+    after = datetime.now(UTC)
+    assert rotated.status == 200
+    new = rotated.body["secret"]
+    assert new.startswith("whsec_") and new != old
+    expires = datetime.fromisoformat(rotated.body["previous_secret_expires_at"])
+    slack = timedelta(seconds=1)  # PostgreSQL's clock against this process's
+    grace = timedelta(seconds=3600)
+    assert before + grace - slack <= expires <= after + grace + slack
+    shown = await api.call("GET", f"/webhooks/{webhook_id}/secret", token=token)
+    assert shown.body == rotated.body
+    stored = await store.get_webhook("shop-1", uuid.UUID(webhook_id))
+    assert stored is not None and stored.signing_secrets(time.time()) == (new, old)
+    [line] = [e for e in logs if e["event"] == "webhook_secret_rotated"]
+    assert line["webhook_id"] == webhook_id
+    assert not [e for e in logs if old in repr(e) or new in repr(e)]
+
+
+async def test_rotating_twice_keeps_only_the_newest_previous_secret(
+    api: Api, token: str, receiver: Receiver, store: Store
+) -> None:
+    """A second rotation within the grace period retires the first secret at once."""
+    created = await api.create(token, receiver.url, **SALES)
+    path = f"/webhooks/{created.body['id']}/secret/rotate"
+    second = (await api.call("POST", path, token=token)).body["secret"]
+    third = (await api.call("POST", path, token=token)).body["secret"]
+    stored = await store.get_webhook("shop-1", uuid.UUID(created.body["id"]))
+    assert stored is not None
+    assert stored.signing_secrets(time.time()) == (third, second)
+
+
+async def test_rotation_without_grace_retires_the_old_secret_at_once(
+    api_factory: ApiFactory, token: str, receiver: Receiver, store: Store
+) -> None:
+    """With a grace period of 0 only the new secret signs from the rotation on."""
+    api = await api_factory(secret_rotation_grace_seconds=0)
+    created = await api.create(token, receiver.url, **SALES)
+    path = f"/webhooks/{created.body['id']}/secret/rotate"
+    rotated = await api.call("POST", path, token=token)
+    assert rotated.body["previous_secret_expires_at"] is None
+    stored = await store.get_webhook("shop-1", uuid.UUID(created.body["id"]))
+    assert stored is not None
+    assert stored.signing_secrets(time.time()) == (rotated.body["secret"],)
+
+
+async def test_delivery_in_the_grace_period_verifies_with_both_secrets_then_only_the_new(
+    api_factory: ApiFactory,
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    token: str,
+    receiver: Receiver,
+    producer: AIOKafkaProducer,
+) -> None:
+    """A delivery in the grace period verifies with the old and new secret; after, only new."""
+    grace = 60.0
+    api = await api_factory(secret_rotation_grace_seconds=grace)
+    skew = 0.0  # the daemon's clock runs this far ahead of the real one
+
+    def clock() -> float:
+        return time.time() + skew
+
+    running = await start_daemon(
+        replace(isolated_settings, secret_rotation_grace_seconds=grace), clock=clock
+    )
+    created = await api.create(token, receiver.url, **SALES)
+    old = created.body["secret"]
+    rotated = await api.call("POST", f"/webhooks/{created.body['id']}/secret/rotate", token=token)
+    new = rotated.body["secret"]
+    webhook_id = uuid.UUID(created.body["id"])
+    async with asyncio.timeout(WAIT):
+        while (cached := running.daemon.cache.get(webhook_id)) is None or cached.secret != new:
+            await asyncio.sleep(0.02)  # polling the cache with a deadline
+    topic = isolated_settings.event_topics[0]
+
+    await produce(producer, topic, make_event(SHOP_1))
+    during = (await receiver.wait_for(2))[1]  # the first request is the SUBSCRIBED test
+    signatures = during.headers["webhook-signature"].split(" ")
+    assert len(signatures) == 2
+    for secret in (old, new):
+        assert StandardWebhook(secret).verify(during.body, during.headers)["nRetry"] == 0
+    first_only = {**during.headers, "webhook-signature": signatures[0]}
+    assert StandardWebhook(new).verify(during.body, first_only)  # the new secret's is first
+
+    # Past the grace period by the daemon's clock; still within the verifier's 5-minute
+    # tolerance for the webhook-timestamp, so only the signatures decide.
+    skew = grace + 60
+    await produce(producer, topic, make_event(SHOP_1))
+    after = (await receiver.wait_for(3))[2]
+    assert " " not in after.headers["webhook-signature"]
+    assert StandardWebhook(new).verify(after.body, after.headers)["nRetry"] == 0
+    with pytest.raises(WebhookVerificationError):
+        StandardWebhook(old).verify(after.body, after.headers)
 
 
 # --- the OpenAPI document -----------------------------------------------------------

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from dispatcher.dispatch import REASON_HEADER
+from dispatcher.deadletter import REASON_HEADER
 from dispatcher.notification import notification_uuid
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store

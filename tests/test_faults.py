@@ -68,7 +68,7 @@ async def wait_readiness(base_url: str, status: int, check: str, prefix: str) ->
             await asyncio.sleep(0.2)  # polling readiness with a deadline
 
 
-async def test_database_outage_flips_readiness_and_dispatch_goes_on_from_the_cache(
+async def test_database_outage_pauses_consumption_and_loses_nothing(
     isolated_settings: Settings,
     start_daemon: StartDaemon,
     store: Store,
@@ -77,16 +77,22 @@ async def test_database_outage_flips_readiness_and_dispatch_goes_on_from_the_cac
     producer: AIOKafkaProducer,
     restore_stack: None,
 ) -> None:
-    """PostgreSQL stops: not ready, API 503, events still delivered; then ready again."""
+    """PostgreSQL stops: not ready (cache and database named), API 503, consumption
+    paused; it starts: ready again, the event produced meanwhile is delivered."""
     _, token = await store.issue_token(shop.environment_id, shop.client_id)
     await subscribe(store, shop, receiver, "sales", "CLOSED")
     running = await start_daemon(isolated_settings)
     await wait_readiness(running.base_url, 200, "database", "ok")
 
     await stack("down", "postgres")
+    await wait_readiness(running.base_url, 503, "cache", "subscription cache not current")
     await wait_readiness(running.base_url, 503, "database", "unreachable")
+    worker = running.daemon.event_worker
+    assert worker is not None
+    async with asyncio.timeout(WAIT):
+        while worker.paused_reason is None:
+            await asyncio.sleep(0.05)  # polling the consumer's state with a deadline
     await produce(producer, isolated_settings.event_topics[0], make_event(shop))
-    await receiver.wait_for(1)  # matched from the cache while the database is down
     headers = {"Authorization": f"Bearer {token}"}
     async with (
         aiohttp.ClientSession() as session,
@@ -98,7 +104,9 @@ async def test_database_outage_flips_readiness_and_dispatch_goes_on_from_the_cac
     assert "database is unavailable" in error["message"]
 
     await stack("up", "postgres")
-    await wait_readiness(running.base_url, 200, "database", "ok")
+    await wait_readiness(running.base_url, 200, "cache", "ok")
+    await receiver.wait_for(1)  # held while the cache could not be trusted, then sent
+    assert worker.paused_reason is None
     # The cache listens again: a webhook created now reaches it without a restart.
     later = await subscribe(store, shop, receiver, "sales", "CREATED")
     async with asyncio.timeout(WAIT * 2):

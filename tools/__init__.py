@@ -1,0 +1,1 @@
+"""Developer tools: the local stack (``stack.py``), the SMTP sink, the settings table."""
