@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) tools/stack.py
 
-.PHONY: install run test lint stack stack-down stack-status bench clean
+.PHONY: install run test unit lint stack stack-down stack-status bench clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ run: stack
 test: install
 	DISPATCHER_STACK_PG_FAST=1 $(STACK) up
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The unit tests alone: pure logic, no service needed (the stack may be down); seconds.
+unit: install
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

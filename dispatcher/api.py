@@ -43,7 +43,7 @@ from yarl import URL
 
 from dispatcher import signing
 from dispatcher.catalog import Catalog
-from dispatcher.delivery import HttpClient
+from dispatcher.client import HttpClient
 from dispatcher.netguard import BlockedAddress, check_host, is_blocked
 from dispatcher.settings import Settings
 from dispatcher.store import DuplicateWebhook, Principal, Store, Webhook, new_secret

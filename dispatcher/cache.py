@@ -30,6 +30,7 @@ import orjson
 import structlog
 
 from dispatcher.backoff import Backoff
+from dispatcher.metrics import Metrics
 from dispatcher.store import Store, Webhook
 
 log = structlog.get_logger(__name__)
@@ -42,13 +43,13 @@ Key = tuple[str, str, str]  # environment_id, entity_name, event_type
 class SubscriptionCache:
     """Webhooks by (environment_id, entity_name, event_type) and by id."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()
         self._by_key: dict[Key, Webhook] = {}
         self._by_id: dict[uuid.UUID, Webhook] = {}
         self.warm = asyncio.Event()  # loaded once
         self.current = asyncio.Event()  # listening and loaded: changes arrive as made
         self.stale_reason = "subscription cache loading"
-        self.synced_at: float | None = None  # time.monotonic() of the last full sync
         self._waiting: list[asyncio.Future[None]] = []  # barriers not yet sent
         self.barrier_wanted = asyncio.Event()
 
@@ -78,13 +79,15 @@ class SubscriptionCache:
         by_id = {w.id: w for w in webhooks}
         self._by_id = by_id
         self._by_key = {(w.environment_id, w.entity_name, w.event_type): w for w in by_id.values()}
-        self.synced_at = time.monotonic()
+        self._metrics.cache_resynced()
+        self._metrics.subscriptions_cached.set(len(by_id))
         self.warm.set()
 
     def put(self, webhook: Webhook) -> None:
         self.remove(webhook.id)
         self._by_id[webhook.id] = webhook
         self._by_key[(webhook.environment_id, webhook.entity_name, webhook.event_type)] = webhook
+        self._metrics.subscriptions_cached.set(len(self._by_id))
 
     def remove(self, webhook_id: uuid.UUID) -> None:
         old = self._by_id.pop(webhook_id, None)
@@ -92,16 +95,19 @@ class SubscriptionCache:
             key = (old.environment_id, old.entity_name, old.event_type)
             if self._by_key.get(key) is old:
                 del self._by_key[key]
+            self._metrics.subscriptions_cached.set(len(self._by_id))
 
     def became_current(self) -> None:
         if not self.current.is_set():
             self.current.set()
+            self._metrics.cache_current.set(1)
             log.info("cache_current", webhooks=len(self))
 
     def became_stale(self, reason: str) -> None:
         self.stale_reason = reason
         if self.current.is_set():
             self.current.clear()
+            self._metrics.cache_current.set(0)
             log.warning("cache_stale", reason=reason)
 
 

@@ -22,13 +22,15 @@ from typing import Literal
 
 import orjson
 
+from dispatcher.errors import ConfigurationError
+
 ImportPolicy = Literal["single", "batch", "skip"]
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _EVENT = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 
-class CatalogError(ValueError):
-    """The catalog file is not of the documented shape."""
+class CatalogError(ConfigurationError, ValueError):
+    """The catalog file is unreadable or not of the documented shape; fix what the message names."""
 
 
 @dataclass(frozen=True, slots=True)

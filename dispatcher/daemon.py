@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,29 +21,31 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
-import orjson
 import structlog
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dispatcher import __version__, catalog, db
+from dispatcher.attempts import Attempts, Clock
 from dispatcher.backoff import Backoff
 from dispatcher.cache import CacheSync, SubscriptionCache
+from dispatcher.client import HttpClient
+from dispatcher.consumer import Consumer
 from dispatcher.deadletter import DeadLetters
-from dispatcher.delivery import HttpClient
-from dispatcher.dispatch import EventWorker
+from dispatcher.delays import DelayQueue
+from dispatcher.errors import ConfigurationError, DispatcherError
+from dispatcher.event_consumer import EventConsumer
+from dispatcher.health import Health
 from dispatcher.imports import ImportBatcher
 from dispatcher.metrics import Metrics
-from dispatcher.notices import NoticeWorker
-from dispatcher.retry import RetryScheduler, RetryWorker
-from dispatcher.sender import Clock, Sender
+from dispatcher.notice_consumer import NoticeConsumer
+from dispatcher.policy import DelayTiers, RetryPolicy
+from dispatcher.retry_consumer import RetryConsumer
 from dispatcher.settings import Settings
 from dispatcher.store import Store
 from dispatcher.systemd import Notifier
-from dispatcher.worker import KafkaWorker
+from dispatcher.topics import ensure_topics
 
 log = structlog.get_logger(__name__)
 
@@ -58,20 +61,21 @@ class Daemon:
     clock: Clock = time.time
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    cache: SubscriptionCache = field(default_factory=SubscriptionCache)
-    workers: list[KafkaWorker] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
+    cache: SubscriptionCache = field(init=False)
+    workers: list[Consumer] = field(default_factory=list)
     notifier: Notifier = field(default_factory=Notifier)
-    sender: Sender | None = None
-    scheduler: RetryScheduler | None = None
-    batcher: ImportBatcher | None = None
-    event_worker: EventWorker | None = None
-    retry_worker: RetryWorker | None = None
-    notice_worker: NoticeWorker | None = None
+    attempts: Attempts | None = None
+    event_worker: EventConsumer | None = None
+    retry_worker: RetryConsumer | None = None
+    notice_worker: NoticeConsumer | None = None
     http_port: int | None = None  # the bound port, once started
     _pool: asyncpg.Pool | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # loops with no end
     _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.cache = SubscriptionCache(self.metrics)
 
     @property
     def consumes(self) -> bool:
@@ -82,10 +86,12 @@ class Daemon:
         log.info("daemon_starting", version=__version__, role=self.role, settings=s.redacted())
         try:
             await self._run()
-        except (db.DatabaseError, catalog.CatalogError):
-            raise  # a configuration problem: the command prints it as one line
         except BaseException as exc:
-            if not isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            # A DispatcherError, even inside the TaskGroup's group, is printed by the
+            # command as one line; anything else is a bug, logged with its traceback.
+            group = exc if isinstance(exc, BaseExceptionGroup) else BaseExceptionGroup("", [exc])
+            expected = (DispatcherError, asyncio.CancelledError, KeyboardInterrupt)
+            if group.split(expected)[1] is not None:
                 log.exception("daemon_failed")
             raise
 
@@ -126,10 +132,16 @@ class Daemon:
             app = create_app(store=store, catalog=the_catalog, http=http, settings=self.settings)
         else:
             app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics)
-        self.metrics.watch(self)
+        Health(
+            metrics=self.metrics,
+            cache=self.cache,
+            consumers=self.workers,
+            kafka_bootstrap=self.settings.kafka_bootstrap,
+            consumes=self.consumes,
+            stopping=self.stop,
+            dead_loops=self._dead_loops,
+            pool=lambda: self._pool,
+        ).routes(app)
         return app
 
     async def _start_consumers(
@@ -156,40 +168,70 @@ class Daemon:
         if not await self._retry_kafka("start the producer", producer.start):
             return
         stack.push_async_callback(producer.stop)
+        m = self.metrics
         dead_letters = DeadLetters(producer, s.dead_letter_topic)
-        scheduler = self.scheduler = RetryScheduler(producer, s, self.clock)
-        sender = self.sender = Sender(
+        tiers = DelayTiers.for_settings(s.retry_topic, retry_delay=s.retry_delay_seconds)
+        policy = RetryPolicy(
+            max_retries=s.max_retries, retry_delay=s.retry_delay_seconds, tiers=tiers
+        )
+        delays = DelayQueue(producer, m)
+        attempts = self.attempts = Attempts(
             http,
-            scheduler,
+            policy,
+            delays,
+            producer,
+            notice_topic=s.notice_topic,
             max_in_flight=s.max_in_flight,
             max_in_flight_per_endpoint=s.max_in_flight_per_endpoint,
             clock=self.clock,
-            metrics=self.metrics,
+            metrics=m,
         )
         if self.role in ("all", "dispatch"):
-            batcher = self.batcher = ImportBatcher(
-                sender,
+            batcher = ImportBatcher(
+                attempts,
                 batch_size=s.import_batch_size,
                 linger=s.import_linger_seconds,
                 max_open=s.import_max_open_batches,
+                metrics=m,
             )
             stack.push_async_callback(batcher.close)
             self._background(group, batcher.run(), "import-linger")
             consumer = _consumer(s, s.consumer_group)
-            events = self.event_worker = EventWorker(
-                consumer, dead_letters, sender, self.cache, the_catalog, batcher, s
+            events = self.event_worker = EventConsumer(
+                consumer,
+                attempts=attempts,
+                cache=self.cache,
+                catalog=the_catalog,
+                batcher=batcher,
+                dead_letters=dead_letters,
+                settings=s,
+                metrics=m,
             )
             consumer.subscribe(list(s.event_topics), listener=events.listener())
             await self._start_worker(group, events)
         if self.role in ("all", "retry"):
             consumer = _consumer(s, f"{s.consumer_group}-retries")
-            retries = self.retry_worker = RetryWorker(
-                consumer, dead_letters, sender, self.cache, s, self.clock
+            retries = self.retry_worker = RetryConsumer(
+                consumer,
+                attempts=attempts,
+                delays=delays,
+                policy=policy,
+                cache=self.cache,
+                dead_letters=dead_letters,
+                settings=s,
+                clock=self.clock,
+                metrics=m,
             )
-            consumer.subscribe([s.retry_topic], listener=retries.listener())
+            # The tiers, the pre-tier single delay topic and the tiers of another retry
+            # delay (after a change of DISPATCHER_RETRY_DELAY_SECONDS), all drained.
+            consumer.subscribe(
+                pattern=delay_topics_pattern(s.retry_topic), listener=retries.listener()
+            )
             await self._start_worker(group, retries)
             consumer = _consumer(s, f"{s.consumer_group}-notices", max_poll_interval_ms=86_400_000)
-            notices = self.notice_worker = NoticeWorker(consumer, s, dead_letters=dead_letters)
+            notices = self.notice_worker = NoticeConsumer(
+                consumer, s, metrics=m, dead_letters=dead_letters
+            )
             consumer.subscribe([s.notice_topic], listener=notices.listener())
             await self._start_worker(group, notices)
 
@@ -212,10 +254,9 @@ class Daemon:
                 log.warning("kafka_unreachable", doing=what, error=repr(exc), retry_in_s=delay)
                 await self._wait_or_stop(asyncio.sleep(delay))  # backoff, not coordination
 
-    async def _start_worker(self, group: asyncio.TaskGroup, worker: KafkaWorker) -> None:
+    async def _start_worker(self, group: asyncio.TaskGroup, worker: Consumer) -> None:
         if not await self._retry_kafka(f"start the {worker.name} consumer", worker.consumer.start):
             return
-        worker.undecodable.skip = self.settings.skip_undecodable_batches
         self.workers.append(worker)
         self._worker_tasks.append(group.create_task(worker.run(self.stop), name=worker.name))
 
@@ -251,69 +292,6 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
 
-    # --- health -------------------------------------------------------------------------
-
-    def event_counts(self) -> dict[str, int]:
-        return dict(self.event_worker.counts) if self.event_worker else {}
-
-    async def _metrics(self, _request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        dead = self._dead_loops()
-        checks = {"loops": "ok" if not dead else f"stopped: {', '.join(dead)}"}
-        return _health(checks)
-
-    async def _readyz(self, _request: web.Request) -> web.Response:
-        checks: dict[str, str] = {}
-        if self.stop.is_set():
-            checks["shutdown"] = "stopping"
-        if self.consumes:
-            checks["cache"] = "ok" if self.cache.current.is_set() else self.cache.stale_reason
-            unassigned = [w.name for w in self.workers if not w.assigned.is_set()]
-            if not self.workers or unassigned:
-                checks["kafka"] = f"not assigned: {', '.join(unassigned) or 'starting'}"
-            else:
-                checks["kafka"] = await _kafka_check(self.settings.kafka_bootstrap)
-            stuck = [reason for w in self.workers for reason in w.undecodable.reasons()]
-            checks["decoding"] = "ok" if not stuck else "undecodable batch: " + "; ".join(stuck)
-        checks["database"] = await self._database_check()
-        return _health(checks)
-
-    async def _database_check(self) -> str:
-        if self._pool is None:
-            return "starting"
-        try:
-            async with asyncio.timeout(2):
-                await self._pool.fetchval("SELECT 1")
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            return f"unreachable: {type(exc).__name__}"
-        return "ok"
-
-
-async def _kafka_check(bootstrap: str) -> str:
-    """ "ok" if a bootstrap broker accepts a TCP connection within a second."""
-    for server in bootstrap.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            async with asyncio.timeout(1):
-                _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
-        except (OSError, TimeoutError, ValueError):
-            continue
-        writer.close()
-        return "ok"
-    return "unreachable"
-
-
-def _health(checks: dict[str, str]) -> web.Response:
-    ok = all(v == "ok" for v in checks.values())
-    return web.Response(
-        body=orjson.dumps({"status": "ok" if ok else "fail", "checks": checks}),
-        status=200 if ok else 503,
-        content_type="application/json",
-    )
-
 
 def _consumer(s: Settings, group_id: str, **extra: Any) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
@@ -326,48 +304,15 @@ def _consumer(s: Settings, group_id: str, **extra: Any) -> AIOKafkaConsumer:
     )
 
 
-async def ensure_topics(s: Settings) -> None:
-    """Create the topics this daemon needs that are missing.
+def delay_topics_pattern(retry_topic: str) -> str:
+    """The topics the retry consumer reads: ``retry_topic`` and its tiers.
 
-    Internal topics (retry, notice, dead-letter) get as many partitions as the first event
-    topic, so retries scale out like events. An event topic that does not exist yet is
-    created too (with a warning: producers usually own it), with
-    ``MISSING_EVENT_TOPIC_PARTITIONS`` partitions, so a first ``make run`` just works.
-    The replication factor is 3, or the number of brokers if fewer.
+    >>> import re
+    >>> p = re.compile(delay_topics_pattern("webhook-retries"))
+    >>> [bool(p.match(t)) for t in ("webhook-retries", "webhook-retries-15m", "webhook-retries-x")]
+    [True, True, False]
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        brokers = len((await admin.describe_cluster()).get("brokers", [])) or 1
-        replicas = min(3, brokers)
-        missing_events = [t for t in s.event_topics if t not in existing]
-        if missing_events:
-            log.warning("event_topics_missing", topics=missing_events, creating=True)
-            await _create(admin, missing_events, MISSING_EVENT_TOPIC_PARTITIONS, replicas)
-        described = await admin.describe_topics([s.event_topics[0]])
-        partitions = max(1, len(described[0].get("partitions", [])))
-        internal = (s.retry_topic, s.notice_topic, s.dead_letter_topic)
-        await _create(admin, [t for t in internal if t not in existing], partitions, replicas)
-    finally:
-        await admin.close()
-
-
-MISSING_EVENT_TOPIC_PARTITIONS = 6
-
-
-async def _create(
-    admin: AIOKafkaAdminClient, topics: list[str], partitions: int, replicas: int
-) -> None:
-    if not topics:
-        return
-    response = await admin.create_topics(
-        [NewTopic(t, num_partitions=partitions, replication_factor=replicas) for t in topics]
-    )
-    for topic, code, *message in response.topic_errors:
-        if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent daemon was first)
-            raise RuntimeError(f"cannot create Kafka topic {topic}: error {code} {message}")
-    log.info("topics_created", topics=topics, partitions=partitions, replicas=replicas)
+    return rf"^{re.escape(retry_topic)}(-[0-9]+(ms|s|m|h))?$"
 
 
 @contextlib.asynccontextmanager
@@ -376,7 +321,12 @@ async def _serve(app: web.Application, host: str, port: int, daemon: Daemon) -> 
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"DISPATCHER_HTTP_PORT: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
         daemon.http_port = runner.addresses[0][1]
         yield
     finally:

@@ -8,11 +8,14 @@ starting at once apply each file exactly once.
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
 import structlog
+
+from dispatcher.errors import ConfigurationError, DatabaseUnavailable, DispatcherError
 
 log = structlog.get_logger(__name__)
 
@@ -20,9 +23,10 @@ log = structlog.get_logger(__name__)
 _MIGRATION_LOCK = 0x77_65_62_68_6F_6F_6B  # "webhook"
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
-
-class DatabaseError(RuntimeError):
-    """The database is unreachable or refused what the dispatcher needs of it."""
+_CONNECT_TIMEOUT = 10.0
+# What asyncpg raises when it cannot connect: the network (OSError, TimeoutError), the
+# server (refused login, no such database, starting up), or a URL it cannot use.
+_CONNECT_FAILURES = (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +48,8 @@ def migrations() -> list[Migration]:
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
-        raise DatabaseError(f"two migration files share a version: {versions}")
+        # A packaging bug, not an outage: it must surface with its traceback.
+        raise RuntimeError(f"two migration files share a version: {versions}")
     return found
 
 
@@ -77,20 +82,22 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
-async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
-    """One connection, with an error that says where it tried to connect."""
+async def connect(url: str, *, connect_timeout: float = _CONNECT_TIMEOUT) -> asyncpg.Connection:
+    """One connection; :class:`DatabaseUnavailable` says where it tried and what to do."""
     try:
         return await asyncpg.connect(url, timeout=connect_timeout)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {exc}") from exc
+    except _CONNECT_FAILURES as exc:
+        raise _connect_error(url, exc, connect_timeout) from exc
 
 
 async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A connection pool, with an error that says where it tried to connect."""
+    """A connection pool; :class:`DatabaseUnavailable` says where it tried and what to do."""
     try:
-        pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=10)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        raise DatabaseError(f"cannot connect to PostgreSQL at {_where(url)}: {exc}") from exc
+        pool = await asyncpg.create_pool(
+            url, min_size=min_size, max_size=max_size, timeout=_CONNECT_TIMEOUT
+        )
+    except _CONNECT_FAILURES as exc:
+        raise _connect_error(url, exc, _CONNECT_TIMEOUT) from exc
     assert pool is not None  # create_pool returns None only when used in a bare await of init
     return pool
 
@@ -104,7 +111,41 @@ async def migrate_url(url: str) -> list[int]:
         await conn.close()
 
 
+def _connect_error(url: str, exc: Exception, timeout: float) -> DispatcherError:
+    """The one-line error, saying what to do, for a failed connection attempt to ``url``."""
+    where = f"cannot connect to PostgreSQL at {_where(url)}"
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return DatabaseUnavailable(
+            f"{where}: {_one_line(exc)}; check the user and password in DISPATCHER_DATABASE_URL"
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return DatabaseUnavailable(
+            f"{where}: {_one_line(exc)}; create it or fix the database name in "
+            "DISPATCHER_DATABASE_URL"
+        )
+    if isinstance(exc, ValueError):  # asyncpg's ClientConfigurationError is one too
+        return ConfigurationError(f"DISPATCHER_DATABASE_URL: not a usable URL: {_one_line(exc)}")
+    if isinstance(exc, TimeoutError):  # an OSError too: test it first
+        reason = f"no answer within {timeout:g} s"
+    elif isinstance(exc, ConnectionRefusedError):
+        reason = "connection refused"
+    elif isinstance(exc, socket.gaierror):
+        reason = f"cannot resolve the host name ({exc.strerror})"
+    else:
+        reason = _one_line(exc)
+    return DatabaseUnavailable(
+        f"{where}: {reason}; is PostgreSQL running? check DISPATCHER_DATABASE_URL"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
 def _where(url: str) -> str:
-    """host:port/db of a URL, without credentials."""
-    rest = url.partition("://")[2]
-    return rest.rpartition("@")[2] or url
+    """host:port/db of a URL, without credentials or query parameters (which may hold one)."""
+    rest = url.partition("://")[2].partition("?")[0]
+    return rest.rpartition("@")[2] or "the default host"

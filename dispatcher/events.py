@@ -15,11 +15,13 @@ from typing import Any
 
 import orjson
 
+from dispatcher.errors import DispatcherError
+
 MAX_ID_LENGTH = 200
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
-class InvalidEvent(ValueError):
+class InvalidEvent(DispatcherError, ValueError):
     """The message is not an event of the contract; ``reason`` says why, in one line."""
 
     def __init__(self, reason: str, kind: str = "field") -> None:

@@ -17,9 +17,10 @@ from typing import Any
 
 import structlog
 
+from dispatcher.attempts import Attempts
 from dispatcher.events import Event
+from dispatcher.metrics import Metrics
 from dispatcher.notification import Notification
-from dispatcher.sender import Sender
 from dispatcher.store import Webhook
 
 log = structlog.get_logger(__name__)
@@ -41,10 +42,19 @@ class _OpenBatch:
 
 
 class ImportBatcher:
-    """Groups import entities into batches and sends them through the :class:`Sender`."""
+    """Groups import entities into batches and sends them through :class:`Attempts`."""
 
-    def __init__(self, sender: Sender, *, batch_size: int, linger: float, max_open: int) -> None:
-        self._sender = sender
+    def __init__(
+        self,
+        attempts: Attempts,
+        *,
+        batch_size: int,
+        linger: float,
+        max_open: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._attempts = attempts
+        self._open_gauge = (metrics or Metrics()).import_batches_open
         self._size = batch_size
         self._linger = linger
         self._max_open = max_open
@@ -73,6 +83,7 @@ class ImportBatcher:
             if batch is not None:
                 self._flush(key)
             batch = self._open[key] = _OpenBatch(webhook, event)
+            self._open_gauge.set(len(self._open))
             if len(self._open) > self._max_open:
                 self._flush(next(iter(self._open)))
         batch.entities.append(event.entity)
@@ -110,6 +121,7 @@ class ImportBatcher:
 
     def _flush(self, key: BatchKey) -> None:
         batch = self._open.pop(key)
+        self._open_gauge.set(len(self._open))
         self._open_entities -= len(batch.entities)
         notification = Notification.for_event(
             batch.first, batch.webhook.id, entities=tuple(batch.entities)
@@ -128,7 +140,7 @@ class ImportBatcher:
         try:
             if previous is not None:
                 await asyncio.wait({previous})  # keep the batches of one import in order
-            await self._sender.deliver(batch.webhook, notification, 0)
+            await self._attempts.make(batch.webhook, notification, 0)
         except BaseException as exc:
             if not batch.done.done():
                 batch.done.set_exception(exc)

@@ -45,6 +45,11 @@ class Tier:
     seconds: float
     topic: str
 
+    @property
+    def name(self) -> str:
+        """``30s``, ``15m``, ``1h``: a bounded label for logs and metrics."""
+        return tier_name(self.seconds)
+
 
 def tier_name(seconds: float) -> str:
     """A short label for a delay: ``30s``, ``15m``, ``1h``, ``500ms``.

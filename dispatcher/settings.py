@@ -19,13 +19,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dispatcher.errors import ConfigurationError
+
 PREFIX = "DISPATCHER_"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class SettingsError(ValueError):
-    """A setting has a value the daemon cannot use; the message names the variable."""
+class SettingsError(ConfigurationError, ValueError):
+    """A DISPATCHER_* variable has a value the daemon cannot use; fix the one the message names."""
 
 
 # --- parsers: each takes the raw string and returns the value or raises ValueError ------

@@ -1,0 +1,227 @@
+"""One HTTPS POST to a webhook endpoint, and what came of it.
+
+Success is exactly HTTP 200. Every other answer, and every timeout, connection, TLS or
+address-policy error, is a failed :class:`Outcome` that says what went wrong in words a
+subscriber can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import functools
+import ipaddress
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from yarl import URL
+
+from dispatcher import __version__
+from dispatcher.netguard import BlockedAddress, GuardedResolver, is_blocked
+from dispatcher.policy import clamp_retry_after
+from dispatcher.settings import IPNetwork, Settings
+
+USER_AGENT = f"webhook-dispatcher/{__version__}"
+_BODY_HEAD = 512  # bytes of a failed response kept for the notice
+
+ErrorKind = Literal["http", "timeout", "connection", "tls", "blocked"]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one POST did. ``status`` is None when no HTTP answer came back."""
+
+    status: int | None
+    error_kind: ErrorKind | None
+    detail: str
+    duration_ms: float
+    body_head: str = ""
+    retry_after: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_kind is None
+
+    @property
+    def kind(self) -> str:
+        """delivered, http, timeout, connection, tls or blocked."""
+        return self.error_kind or "delivered"
+
+    @property
+    def label(self) -> str:
+        """A bounded label for metrics and logs: "200", "4xx", "timeout", ..."""
+        if self.status is not None:
+            return "200" if self.status == 200 else f"{self.status // 100}xx"
+        return self.error_kind or "unknown"
+
+
+def ssl_context(ca_file: str = "") -> ssl.SSLContext:
+    """The system's trust store, plus ``ca_file`` when given."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds asked for by a Retry-After header (delta-seconds or HTTP date), or None.
+
+    The endpoint is not trusted: anything unparsable is ignored, and the answer is
+    clamped by the retry policy (:func:`~dispatcher.policy.clamp_retry_after`), so a
+    hostile value cannot overflow a date or delay a retry for years.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return clamp_retry_after(float(value[:12]))
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, IndexError):
+        return None
+    return clamp_retry_after(when - now)
+
+
+@functools.lru_cache(maxsize=65_536)
+def parse_url(url: str) -> URL:
+    """A webhook URL, parsed once: the same few URLs are posted to again and again."""
+    return URL(url)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _literal_blocked(url: str, allowed: tuple[IPNetwork, ...]) -> bool:
+    return literal_blocked(parse_url(url), allowed)
+
+
+def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
+    """Whether the URL names a forbidden IP address literally (no resolver involved)."""
+    host = url.host or ""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return is_blocked(host, allowed)
+
+
+class HttpClient:
+    """An aiohttp session configured for webhook delivery. Use as an async context."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        allowed: Sequence[IPNetwork] = (),
+        ca_file: str = "",
+        limit: int = 256,
+        limit_per_host: int = 8,
+    ) -> None:
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._allowed = tuple(allowed)
+        self._ca_file = ca_file
+        self._limit = limit
+        self._limit_per_host = limit_per_host
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HttpClient:
+        return cls(
+            timeout=settings.delivery_timeout_seconds,
+            allowed=settings.allow_private_targets,
+            ca_file=settings.tls_ca_file,
+            limit=settings.max_in_flight,
+            limit_per_host=settings.max_in_flight_per_endpoint,
+        )
+
+    async def __aenter__(self) -> HttpClient:
+        connector = aiohttp.TCPConnector(
+            resolver=GuardedResolver(self._allowed),
+            ssl=ssl_context(self._ca_file),
+            limit=self._limit,
+            limit_per_host=self._limit_per_host,
+            ttl_dns_cache=10,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers={"User-Agent": USER_AGENT},
+            auto_decompress=False,
+            skip_auto_headers=("Accept-Encoding",),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Outcome:
+        """POST ``body`` as JSON; never raises for network or HTTP trouble."""
+        assert self._session is not None, "HttpClient used outside 'async with'"
+        start = time.perf_counter()
+
+        def took() -> float:
+            return round((time.perf_counter() - start) * 1000, 2)
+
+        target = parse_url(url)
+        if _literal_blocked(url, self._allowed):
+            return Outcome(
+                None,
+                "blocked",
+                f"{target.host} is a private, loopback or link-local address",
+                took(),
+            )
+        try:
+            async with self._session.post(
+                target,
+                data=body,
+                headers={"Content-Type": "application/json", **headers},
+                allow_redirects=False,
+            ) as response:
+                if response.status == 200:
+                    # Delivered: the status is final. Read a little of the body so the
+                    # connection can be reused; a huge or slow body must not turn a
+                    # delivered message into a failure, so trouble here is ignored.
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                        await response.content.read(_BODY_HEAD)
+                    return Outcome(200, None, "200 OK", took())
+                head = await response.content.read(_BODY_HEAD)
+                return Outcome(
+                    response.status,
+                    "http",
+                    f"HTTP {response.status} {response.reason or ''}".strip(),
+                    took(),
+                    body_head=head.decode("utf-8", "replace"),
+                    retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
+                )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            return Outcome(None, "timeout", f"no answer within {self._timeout.total:g} s", took())
+        except aiohttp.ClientConnectorError as exc:
+            return _connector_failure(exc, took())
+        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            return Outcome(None, "tls", f"TLS error: {exc}", took())
+        except (aiohttp.ClientError, OSError) as exc:
+            return Outcome(None, "connection", f"connection error: {_describe(exc)}", took())
+
+
+def _connector_failure(exc: aiohttp.ClientConnectorError, duration_ms: float) -> Outcome:
+    if isinstance(exc.os_error, BlockedAddress):
+        return Outcome(None, "blocked", str(exc.os_error), duration_ms)
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return Outcome(None, "tls", f"TLS certificate error: {exc.certificate_error}", duration_ms)
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return Outcome(None, "tls", f"TLS error: {exc.os_error}", duration_ms)
+    return Outcome(
+        None,
+        "connection",
+        f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}",
+        duration_ms,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,110 @@
+"""The daemon keeps running through faults: the real Kafka and PostgreSQL stop and start.
+
+These tests stop services of the local stack (``tools/stack.py down kafka``), so they
+need the stack's own services, not ones given by DISPATCHER_TEST_* variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from dispatcher.settings import Settings
+from dispatcher.store import Principal, Store
+from tests.integration.support import (
+    WAIT,
+    Receiver,
+    StartDaemon,
+    World,
+    make_event,
+    needs_own_stack,
+    produce,
+    readiness,
+    stack,
+    subscribe,
+)
+
+pytestmark = needs_own_stack
+
+
+async def wait_readiness(base_url: str, status: int, check: str, prefix: str) -> None:
+    """Poll /readyz until it answers ``status`` with ``check`` starting with ``prefix``."""
+    async with asyncio.timeout(WAIT * 2):
+        while True:
+            got, checks = await readiness(base_url)
+            if got == status and checks.get(check, "").startswith(prefix):
+                return
+            await asyncio.sleep(0.2)  # polling readiness with a deadline
+
+
+async def test_database_outage_pauses_consumption_and_loses_nothing(
+    world: World, restore_stack: None
+) -> None:
+    """PostgreSQL stops: not ready (cache and database named), API 503, consumption
+    paused; it starts: ready again, the event produced meanwhile is delivered."""
+    store, shop, receiver = world.store, world.shop, world.receiver
+    _, token = await store.issue_token(shop.environment_id, shop.client_id)
+    await world.subscribe(entity="sales", event="CLOSED")
+    running = await world.start()
+    await wait_readiness(running.base_url, 200, "database", "ok")
+
+    await stack("down", "postgres")
+    await wait_readiness(running.base_url, 503, "cache", "subscription cache not current")
+    await wait_readiness(running.base_url, 503, "database", "unreachable")
+    worker = running.daemon.event_worker
+    assert worker is not None
+    async with asyncio.timeout(WAIT):
+        while worker.paused_reason is None:
+            await asyncio.sleep(0.05)  # polling the consumer's state with a deadline
+    await world.produce(make_event(shop))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(running.base_url + "/webhooks", headers=headers) as answer,
+    ):
+        assert answer.status == 503
+        error = orjson.loads(await answer.read())["error"]
+    assert error["type"] == "service_unavailable"
+    assert "database is unavailable" in error["message"]
+
+    await stack("up", "postgres")
+    await wait_readiness(running.base_url, 200, "cache", "ok")
+    await receiver.wait_for(1)  # held while the cache could not be trusted, then sent
+    assert worker.paused_reason is None
+    # The cache listens again: a webhook created now reaches it without a restart.
+    later = await world.subscribe(entity="sales", event="CREATED")
+    async with asyncio.timeout(WAIT * 2):
+        while running.daemon.cache.get(later.id) is None:
+            await asyncio.sleep(0.1)  # polling the cache with a deadline
+
+
+async def test_kafka_outage_flips_readiness_and_consumption_resumes_without_restart(
+    isolated_settings: Settings,
+    start_daemon: StartDaemon,
+    store: Store,
+    shop: Principal,
+    receiver: Receiver,
+    restore_stack: None,
+) -> None:
+    """Kafka stops: not ready; it starts: ready again and new events are delivered."""
+    # Not the ``world`` fixture: no producer lives through the outage; one is made after.
+    await subscribe(store, shop, receiver, "sales", "CLOSED")
+    running = await start_daemon(isolated_settings)
+    await wait_readiness(running.base_url, 200, "kafka", "ok")
+
+    await stack("down", "kafka")
+    await wait_readiness(running.base_url, 503, "kafka", "unreachable")
+    await stack("up", "kafka")
+    await wait_readiness(running.base_url, 200, "kafka", "ok")
+
+    producer = AIOKafkaProducer(bootstrap_servers=isolated_settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await produce(producer, isolated_settings.event_topics[0], make_event(shop))
+    finally:
+        await producer.stop()
+    await receiver.wait_for(1, timeout=WAIT * 2)
+    assert not running.task.done()
