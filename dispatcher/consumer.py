@@ -9,8 +9,7 @@ after a partition's records in flight have all finished, on revocation and on sh
 
 A record must cost at most itself: when handling it or its work raises, the error is
 logged with its traceback, counted, and the record goes to the dead-letter topic with the
-reason ``internal: ...``; the loop goes on. While the worker's gate (the subscription
-cache) is not current, every assigned partition is paused. On shutdown, work still
+reason ``internal: ...``; the loop goes on. On shutdown, work still
 unfinished when the drain timeout expires is handed off (:meth:`Consumer.hand_off`:
 the sender defers it to the delay topic) so that every offset can commit.
 """
@@ -21,7 +20,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -40,16 +39,6 @@ COMMIT_GAP = 0.1  # seconds: commits asked for by finished batches are at most t
 COMMIT_TIMEOUT = 10.0  # seconds; a commit that takes longer is given up and tried later
 HAND_OFF_TIMEOUT = 10.0  # seconds allowed, after the drain timeout, for handed-off work
 Record: TypeAlias = "ConsumerRecord[Any, Any]"
-
-
-class Gate(Protocol):
-    """What must be current before records may be taken (the subscription cache)."""
-
-    @property
-    def current(self) -> asyncio.Event: ...
-
-    @property
-    def stale_reason(self) -> str: ...
 
 
 @dataclass(slots=True)
@@ -75,7 +64,6 @@ class Consumer:
         max_pending: int,
         drain_timeout: float,
         dead_letters: DeadLetters | None = None,
-        gate: Gate | None = None,
         skip_undecodable: bool = False,
         commit_interval: float = COMMIT_INTERVAL,
         fetch_max_records: int = 500,
@@ -86,7 +74,6 @@ class Consumer:
         self._slots = asyncio.Semaphore(max_pending)
         self._drain_timeout = drain_timeout
         self._dead_letters = dead_letters
-        self._gate = gate
         self._commit_interval = commit_interval
         self._fetch_max = fetch_max_records
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
@@ -95,7 +82,6 @@ class Consumer:
         self._stop = asyncio.Event()
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
-        self._paused_for_gate = False
         self.assigned = asyncio.Event()
         self._lagging: set[TopicPartition] = set()  # partitions with a lag gauge
 
@@ -161,14 +147,9 @@ class Consumer:
         return True
 
     def resume(self, tp: TopicPartition) -> None:
-        """Resume ``tp`` unless it was revoked meanwhile or the gate keeps it paused."""
-        if tp in self.consumer.assignment() and not self._paused_for_gate:
+        """Resume ``tp`` unless it was revoked meanwhile."""
+        if tp in self.consumer.assignment():
             self.consumer.resume(tp)
-
-    @property
-    def paused_reason(self) -> str | None:
-        """Why consumption is paused, or None."""
-        return self._gate.stale_reason if self._paused_for_gate and self._gate else None
 
     async def _acquire(self) -> bool:
         """A slot; False if the worker stops first (the caller then checks that the
@@ -195,7 +176,6 @@ class Consumer:
         committer = asyncio.ensure_future(self._commit_loop())
         try:
             while not stop.is_set():
-                self._follow_gate()
                 fetch = asyncio.ensure_future(self._fetch())
                 await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if not fetch.done():
@@ -280,8 +260,6 @@ class Consumer:
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._owned |= assigned
-        if self._paused_for_gate and assigned:
-            self.consumer.pause(*assigned)
         log.info("consumer_partitions_assigned", consumer=self.name, partitions=_names(assigned))
         self.assigned.set()
 
@@ -297,27 +275,6 @@ class Consumer:
             self._commit_wanted.clear()
             await self.commit()
             await asyncio.sleep(COMMIT_GAP)  # a rate limit: finished batches coalesce
-
-    def _follow_gate(self) -> None:
-        """Pause every assigned partition while the gate is not current; resume after."""
-        gate = self._gate
-        if gate is None:
-            return
-        stale = not gate.current.is_set()
-        if stale and not self._paused_for_gate:
-            self._paused_for_gate = True
-            self._metrics.consumer_paused.labels(self.name).set(1)
-            log.warning("consumer_paused", consumer=self.name, reason=gate.stale_reason)
-            assignment = self.consumer.assignment()
-            if assignment:
-                self.consumer.pause(*assignment)
-        elif not stale and self._paused_for_gate:
-            self._paused_for_gate = False
-            self._metrics.consumer_paused.labels(self.name).set(0)
-            log.info("consumer_resumed", consumer=self.name)
-            for tp in self.consumer.assignment():
-                if not self.held(tp):
-                    self.consumer.resume(tp)
 
     async def _record_failed(self, tp: TopicPartition, record: Record, exc: Exception) -> None:
         self._count_errors(1)

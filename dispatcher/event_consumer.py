@@ -55,7 +55,6 @@ class EventConsumer(Consumer):
             max_pending=settings.max_in_flight * 4,
             drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            gate=cache,
             skip_undecodable=settings.skip_undecodable_batches,
         )
         self._invalid = dead_letters  # events that break the contract go there too
@@ -67,6 +66,7 @@ class EventConsumer(Consumer):
         self._unmatched = metrics.events_skipped.labels("unmatched")
         self._outside_catalog = metrics.events_skipped.labels("outside_catalog")
         self._import_skipped = metrics.events_skipped.labels("import_skipped")
+        self._held = metrics.events_held
 
     async def handle(self, tp: TopicPartition, record: Record) -> None:
         self._consumed.inc()
@@ -117,7 +117,11 @@ class EventConsumer(Consumer):
 
     async def _recheck(self, event: Event) -> None:
         """No webhook matched: drop the event once the cache is known to be current."""
-        await self._cache.barrier()
+        self._held.inc()
+        try:
+            await self._cache.barrier()
+        finally:
+            self._held.dec()
         webhook = self._cache.match(event.environment_id, event.entity_name, event.event_type)
         if webhook is None:
             self._unmatched.inc()

@@ -97,6 +97,23 @@ class Metrics:
             "Failed SMTP sends of notices (each is tried again until it goes through).",
             registry=r,
         )
+        # --- delivery history ----------------------------------------------------------
+        self.attempts_recorded = Counter(
+            "webhook_attempts_recorded",
+            "Attempt records written to PostgreSQL by the recorder (the delivery history).",
+            registry=r,
+        )
+        self.attempt_record_lag = Gauge(
+            "webhook_attempt_record_lag_seconds",
+            "Seconds between the newest attempt of the recorder's last write and that write: "
+            "how far the delivery history is behind.",
+            registry=r,
+        )
+        self.recorder_errors = Counter(
+            "webhook_recorder_errors",
+            "Failed writes of attempt records (each batch is tried again until it is written).",
+            registry=r,
+        )
         # --- cache -------------------------------------------------------------------
         self.subscriptions_cached = Gauge(
             "webhook_subscriptions_cached", "Webhooks in the subscription cache.", registry=r
@@ -124,10 +141,11 @@ class Metrics:
             ["consumer", "topic", "partition"],
             registry=r,
         )
-        self.consumer_paused = Gauge(
-            "webhook_consumer_paused",
-            "1 while a consumer is paused because the subscription cache is not current.",
-            ["consumer"],
+        self.events_held = Gauge(
+            "webhook_events_held",
+            "Events no webhook matched, held until the subscription cache is known to be "
+            "current (a few ms normally; while its database connection is lost, until it "
+            "is back): only then are they dropped as unmatched.",
             registry=r,
         )
         self.record_errors = Counter(

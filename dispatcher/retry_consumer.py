@@ -57,7 +57,6 @@ class RetryConsumer(Consumer):
             max_pending=settings.max_in_flight * 4,
             drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            gate=cache,
             skip_undecodable=settings.skip_undecodable_batches,
         )
         self._attempts = attempts
