@@ -13,6 +13,7 @@ from bench import report
 TARGET_RATIO = 0.5  # dispatcher deliveries/s over the bare client's requests/s
 TARGET_P99_MS = 50.0  # at 1,000 events/s
 TARGET_RSS_MB = 300.0  # with 100,000 subscriptions
+TARGET_HISTORY_RATIO = 0.9  # deliveries/s with the attempt log on over the same with it off
 
 
 NOISE_CORES = 0.25  # CPU of untracked processes above which a scenario is flagged noisy
@@ -20,11 +21,14 @@ NOISE_CORES = 0.25  # CPU of untracked processes above which a scenario is flagg
 
 def noise(results: dict[str, Any]) -> dict[str, float]:
     """Scenarios during which untracked processes (other users) used > NOISE_CORES."""
-    windows = {f"ceiling {k}": v for k, v in results["ceiling"]["runs"].items()}
+    runs = results.get("ceiling", {}).get("runs", {})
+    windows = {f"ceiling {k}": v for k, v in runs.items()}
     windows.update({n: results[n] for n in ("throughput", "latency", "import") if n in results})
     if "throughput_info" in results:
         windows["info log level"] = results["throughput_info"]
-    if "full_under_load" in results["memory"]:
+    for i, run in enumerate(results.get("history", {}).get("runs", []), 1):
+        windows[f"history {run['attempt_log']} ({i})"] = run
+    if "full_under_load" in results.get("memory", {}):
         windows["memory burst"] = results["memory"]["full_under_load"]
     others = {name: w.get("cores", {}).get("other", 0.0) for name, w in windows.items()}
     return {name: cores for name, cores in others.items() if cores > NOISE_CORES}
@@ -41,7 +45,46 @@ def derive(results: dict[str, Any]) -> None:
     """Ratios against the ceiling and the verdicts on the targets, added to ``results``.
 
     A scenario's baseline is the mean of the two ceiling runs around it, so a machine
-    that drifts during the run (other users, CPU steal) moves both sides of a ratio."""
+    that drifts during the run (other users, CPU steal) moves both sides of a ratio. A run
+    of one scenario alone (``--only``) has only that scenario's figures."""
+    if "history" in results:
+        _derive_history(results["history"])
+    targets: dict[str, Any] = {}
+    if "ceiling" in results:
+        _derive_ceiling(results, targets)
+    results["noisy"] = noise(results)
+    if "history" in results:
+        ratio = results["history"]["ratio_on_off"]
+        targets["history_ratio"] = _verdict(ratio, TARGET_HISTORY_RATIO, ">=")
+    results["targets"] = targets
+
+
+def _derive_history(h: dict[str, Any]) -> None:
+    """On/off ratios (of the means, and of each adjacent pair) and bytes per attempt."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    cpu: dict[str, list[float]] = {"on": [], "off": []}
+    for run in h["runs"]:
+        rates[run["attempt_log"]].append(run["requests_per_s"])
+        if run["dispatcher_cpu_s_per_1000_requests"] is not None:
+            cpu[run["attempt_log"]].append(run["dispatcher_cpu_s_per_1000_requests"])
+    h["requests_per_s"] = {k: round(_mean(v), 1) for k, v in rates.items()}
+    h["dispatcher_cpu_s_per_1000_requests"] = {
+        k: round(_mean(v), 3) if v else None for k, v in cpu.items()
+    }
+    h["ratio_on_off"] = round(_mean(rates["on"]) / _mean(rates["off"]), 3)
+    # ABBA: the first 'on' against the first 'off', the second against the second
+    pairs = zip(rates["on"], rates["off"], strict=True)
+    h["pair_ratios"] = [round(on / off, 3) for on, off in pairs]
+    rows = h["rows"]
+    h["bytes_per_attempt"] = round(h["bytes"] / rows, 1) if rows else None
+    h["bytes_per_million_attempts"] = round(h["bytes"] / rows * 1e6) if rows else None
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _derive_ceiling(results: dict[str, Any], targets: dict[str, Any]) -> None:
     ceiling = results["ceiling"]
     rates = {label: run["requests_per_s"] for label, run in ceiling["runs"].items()}
     mean = sum(rates.values()) / len(rates)
@@ -54,17 +97,20 @@ def derive(results: dict[str, Any]) -> None:
             scenario["ceiling_baseline"] = round(base, 1)
             scenario["ratio_to_ceiling"] = round(scenario["requests_per_s"] / base, 3)
             scenario["entities_ratio_to_ceiling"] = round(scenario["entities_per_s"] / base, 3)
-    results["noisy"] = noise(results)
     lat = results["latency"]["latency_ms"] or {}
     full = results["memory"]["full"]
-    results["targets"] = {
-        "throughput_ratio": _verdict(results["throughput"]["ratio_to_ceiling"], TARGET_RATIO, ">="),
-        "latency_p99_ms": _verdict(lat.get("p99"), TARGET_P99_MS, "<="),
-        "rss_100k_mb": _verdict(full["rss_mb"], TARGET_RSS_MB, "<="),
-        "peak_rss_100k_mb": _verdict(
-            results["memory"]["full_under_load"]["peak_rss_mb"], TARGET_RSS_MB, "<="
-        ),
-    }
+    targets.update(
+        {
+            "throughput_ratio": _verdict(
+                results["throughput"]["ratio_to_ceiling"], TARGET_RATIO, ">="
+            ),
+            "latency_p99_ms": _verdict(lat.get("p99"), TARGET_P99_MS, "<="),
+            "rss_100k_mb": _verdict(full["rss_mb"], TARGET_RSS_MB, "<="),
+            "peak_rss_100k_mb": _verdict(
+                results["memory"]["full_under_load"]["peak_rss_mb"], TARGET_RSS_MB, "<="
+            ),
+        }
+    )
 
 
 def _verdict(value: float | None, target: float, op: str) -> dict[str, Any]:
@@ -74,14 +120,84 @@ def _verdict(value: float | None, target: float, op: str) -> dict[str, Any]:
 
 def rows(results: dict[str, Any]) -> list[report.Row]:
     """The table of a run."""
-    out = _ceiling_rows(results["ceiling"])
-    out += _throughput_rows("throughput", results["throughput"], results["targets"])
-    out += _latency_rows(results["latency"], results["targets"])
-    out += _import_rows(results["import"])
+    out: list[report.Row] = []
+    if "ceiling" in results:
+        out += _ceiling_rows(results["ceiling"])
+        out += _throughput_rows("throughput", results["throughput"], results["targets"])
+        out += _latency_rows(results["latency"], results["targets"])
+        out += _import_rows(results["import"])
     if "throughput_info" in results:
         out += _throughput_rows("info log level", results["throughput_info"], None)
-    out += _memory_rows(results["memory"], results["targets"])
+    if "history" in results:
+        out += _history_rows(results["history"], results["targets"])
+    if "memory" in results:
+        out += _memory_rows(results["memory"], results["targets"])
     return out
+
+
+def _history_rows(h: dict[str, Any], targets: dict[str, Any]) -> list[report.Row]:
+    t = targets["history_ratio"]
+    runs = h["runs"]
+    order = "/".join(run["attempt_log"] for run in runs)
+    rates, cpu = h["requests_per_s"], h["dispatcher_cpu_s_per_1000_requests"]
+    return [
+        R(
+            "history",
+            f"distinct deliveries of each run, {order} (expected)",
+            " / ".join(_n(r["distinct_entities"]) for r in runs) + f" ({_n(h['events_per_run'])})",
+        ),
+        R(
+            "history",
+            f"deliveries/s, attempt log {order}",
+            " / ".join(_n(r["requests_per_s"]) for r in runs),
+        ),
+        R("history", "deliveries/s: mean on / mean off", f"{_n(rates['on'])} / {_n(rates['off'])}"),
+        R(
+            "history",
+            "ratio on / off (means)",
+            _n(h["ratio_on_off"]),
+            t["target"],
+            t["met"],
+        ),
+        R("history", "ratio on / off (1st pair, 2nd pair)", ", ".join(map(_n, h["pair_ratios"]))),
+        R(
+            "history",
+            "dispatcher CPU s / 1000 deliveries: on / off",
+            f"{_n(cpu['on'])} / {_n(cpu['off'])}",
+        ),
+        *(
+            R(
+                "history",
+                f"cores ({r['attempt_log']} {i}): " + _core_names(r["cores"]),
+                _cores(r["cores"]),
+            )
+            for i, r in enumerate(runs, 1)
+        ),
+        R(
+            "history",
+            "history written: s after the last delivery (on runs)",
+            " / ".join(_n(r["recorder_catch_up_s"]) for r in runs if "recorder_catch_up_s" in r),
+        ),
+        R(
+            "history",
+            "attempt rows (distinct notifications / expected)",
+            f"{_n(h['rows'])} ({_n(h['distinct_notifications'])} / {_n(h['expected_rows'])})",
+        ),
+        R(
+            "history",
+            f"bytes on disk ({h['partitions']} partitions, indexes, TOAST)",
+            _n(h["bytes"]),
+        ),
+        R(
+            "history",
+            "bytes per attempt; MB per million attempts",
+            f"{_n(h['bytes_per_attempt'])}; {_n(_mb(h['bytes_per_million_attempts']))}",
+        ),
+    ]
+
+
+def _mb(value: float | None) -> float | None:
+    return None if value is None else round(value / 1e6, 1)
 
 
 R = report.Row

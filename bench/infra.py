@@ -107,16 +107,24 @@ class Topics:
     retries: str
     notices: str
     dead_letters: str
+    attempts: str  # the attempt topic of every scenario but the history one
+    history: str  # the attempt topic of the history scenario's 'on' runs alone
     group: str
 
     @property
     def all(self) -> list[str]:
-        return [self.events, self.retries, self.notices, self.dead_letters]
+        return [
+            self.events, self.retries, self.notices, self.dead_letters, self.attempts,
+            self.history,
+        ]  # fmt: skip
 
     @property
     def groups(self) -> list[str]:
         """The groups the daemon derives from ``group`` (see dispatcher/daemon.py)."""
-        return [self.group, f"{self.group}-retries", f"{self.group}-notices"]
+        return [
+            self.group, f"{self.group}-retries", f"{self.group}-notices",
+            f"{self.group}-attempts",
+        ]  # fmt: skip
 
 
 @contextlib.asynccontextmanager
@@ -127,6 +135,8 @@ async def fresh_topics(bootstrap: str, tag: str, partitions: int) -> AsyncIterat
         retries=f"{tag}-retries",
         notices=f"{tag}-notices",
         dead_letters=f"{tag}-dead-letters",
+        attempts=f"{tag}-attempts",
+        history=f"{tag}-attempts-history",
         group=f"{tag}-group",
     )
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)

@@ -12,7 +12,10 @@ group, TLS certificates and processes, all on 127.0.0.1 and all removed at the e
 4. import: N item events of one import, pre-produced; entities/s and requests/s.
 5. info: the throughput scenario again with DISPATCHER_LOG_LEVEL=info (one log line per
    delivery), to price the canonical log line.
-6. memory: RSS of an idle, ready dispatcher with the run's subscriptions, then with
+6. history: the throughput scenario four times, with the attempt log (the delivery
+   history) off, on, on, off: deliveries/s on as a ratio to off, and the history's bytes
+   on disk per attempt once the recorder caught up (``--only history`` runs it alone).
+7. memory: RSS of an idle, ready dispatcher with the run's subscriptions, then with
    100,000 of them, idle and after N deliveries spread over N of those shops.
 
 The receiver (``bench/receiver.py``) is a separate process; so are the dispatcher and the
@@ -39,12 +42,13 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
@@ -56,6 +60,8 @@ DEFAULT_KAFKA = "127.0.0.1:9092"
 IMPORT_BATCH_SIZE = 80  # DISPATCHER_IMPORT_BATCH_SIZE's default, set explicitly below
 SETTLE_SECONDS = 2.0  # idle time before reading the RSS of a ready dispatcher
 READY_TIMEOUT = 120.0
+HISTORY_ROUNDS = ("off", "on", "on", "off")  # ABBA: a steady drift of the machine cancels out
+RECORDER_CATCH_UP_TIMEOUT = 120.0  # seconds the recorder may take after the last delivery
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Options:
     import_entities: int = 100_000
     subscriptions: int = 100_000
     info_events: int = 20_000
+    history_events: int = 20_000
     max_in_flight: int = 256
     partitions: int = 4
     kafka: str = DEFAULT_KAFKA
@@ -81,6 +88,7 @@ class Options:
     gc_trace: bool = False
     keep: bool = False
     show: str = ""
+    only: str = ""  # "history": that scenario alone
 
 
 @dataclass
@@ -118,6 +126,7 @@ class Context:
             "DISPATCHER_RETRY_TOPIC": self.topics.retries,
             "DISPATCHER_NOTICE_TOPIC": self.topics.notices,
             "DISPATCHER_DEAD_LETTER_TOPIC": self.topics.dead_letters,
+            "DISPATCHER_ATTEMPT_TOPIC": self.topics.attempts,
             "DISPATCHER_ALLOW_PRIVATE_TARGETS": "127.0.0.0/8",
             "DISPATCHER_TLS_CA_FILE": self.tls.ca_file,
             "DISPATCHER_LOG_LEVEL": log_level,
@@ -150,13 +159,19 @@ def mb(mib: float | None) -> float | None:
 
 @contextlib.asynccontextmanager
 async def dispatcher(
-    ctx: Context, name: str, *, log_level: str = "warning", profile: bool = False
+    ctx: Context,
+    name: str,
+    *,
+    log_level: str = "warning",
+    profile: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Dispatcher]:
-    """A dispatcher process, ready, whose CPU the sampler follows as 'dispatcher'."""
+    """A dispatcher process, ready, whose CPU the sampler follows as 'dispatcher';
+    ``env`` adds to (or replaces) the run's DISPATCHER_* settings."""
     port = infra.free_port()
     trace = ctx.work / f"dispatcher-{name}.gc.json" if ctx.opts.gc_trace else None
     async with infra.run_dispatcher(
-        ctx.settings(port, log_level),
+        {**ctx.settings(port, log_level), **(env or {})},
         http_port=port,
         log_path=ctx.work / f"dispatcher-{name}.log",
         session=ctx.session,
@@ -327,6 +342,96 @@ def count_lines(path: Path, marker: bytes) -> tuple[int, int]:
     return lines, size
 
 
+async def history(ctx: Context) -> dict[str, Any]:
+    """The throughput scenario with the attempt log off, on, on, off (a fresh dispatcher
+    and N new events each time): deliveries/s with and without the delivery history, and
+    what it costs on disk. The 'on' runs have an attempt topic of their own and start on
+    an emptied table, so the rows counted and measured are theirs alone; each waits for
+    its recorder to write every attempt before it stops."""
+    n = ctx.opts.history_events
+    empty = await history_storage(ctx.database_url, truncate=True)
+    runs: list[dict[str, Any]] = []
+    recorded = 0
+    for i, mode in enumerate(HISTORY_ROUNDS, 1):
+        phase = f"history_{mode}_{i}"
+        await workload.produce_bulk(
+            ctx.bulk, ctx.topics.events, workload.sale(phase, ctx.opts.shops), n
+        )
+        env = {"DISPATCHER_ATTEMPT_LOG": mode, "DISPATCHER_ATTEMPT_TOPIC": ctx.topics.history}
+        async with dispatcher(ctx, phase, env=env) as running:
+            result = await deliveries(ctx, running, phase, requests=n)
+            result.pop("latency_ms")
+            result["attempt_log"] = mode
+            result["peak_rss_mb"] = mb(running.memory_mib().get("VmHWM"))
+            if mode == "on":
+                recorded += n
+                result["recorder_catch_up_s"] = await wait_recorded(
+                    ctx, running, recorded, after=result["last_arrival"]
+                )
+        runs.append(result)
+        caught = result.get("recorder_catch_up_s")
+        extra = "" if caught is None else f", history written {caught:.1f} s after the last"
+        ctx.say(f"history {mode} ({i}/4): {result['requests_per_s']} deliveries/s{extra}")
+    stored = await history_storage(ctx.database_url)
+    return {
+        "events_per_run": n,
+        "runs": runs,
+        "expected_rows": recorded,
+        "rows": stored["rows"],
+        "distinct_notifications": stored["distinct_notifications"],
+        "bytes": stored["bytes"] - empty["bytes"],
+        "empty_bytes": empty["bytes"],
+        "partitions": stored["partitions"],
+    }
+
+
+HISTORY_SIZE = """
+SELECT count(*) AS partitions, coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint AS bytes
+FROM pg_inherits i WHERE i.inhparent = 'webhook_attempts'::regclass
+"""
+
+
+async def history_storage(database_url: str, *, truncate: bool = False) -> dict[str, int]:
+    """The delivery history's rows and bytes on disk (every partition, with its indexes
+    and TOAST); ``truncate`` empties it first (the rows of earlier scenarios)."""
+    conn = await asyncpg.connect(database_url, timeout=10)
+    try:
+        if truncate:
+            await conn.execute("TRUNCATE webhook_attempts, webhook_health")
+        size = await conn.fetchrow(HISTORY_SIZE)
+        rows = await conn.fetchrow(
+            "SELECT count(*) AS rows, count(DISTINCT notification_uuid) AS distinct_notifications "
+            "FROM webhook_attempts"
+        )
+    finally:
+        await conn.close()
+    assert size is not None
+    assert rows is not None
+    return {**dict(size), **dict(rows)}
+
+
+async def wait_recorded(ctx: Context, running: Dispatcher, rows: int, *, after: float) -> float:
+    """Poll until the history holds ``rows`` attempts; seconds from ``after`` (the last
+    delivery, ``time.time()``) until it did."""
+    conn = await asyncpg.connect(ctx.database_url, timeout=10)
+    try:
+        deadline = time.monotonic() + RECORDER_CATCH_UP_TIMEOUT
+        while (count := await conn.fetchval("SELECT count(*) FROM webhook_attempts")) < rows:
+            if not running.child.alive():
+                raise BenchError(
+                    f"the dispatcher exited before its history was written\n{running.child.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the recorder wrote {count} of {rows} attempts within "
+                    f"{RECORDER_CATCH_UP_TIMEOUT:g} s of the last delivery\n{running.child.tail()}"
+                )
+            await asyncio.sleep(0.1)  # polling interval
+        return round(max(0.0, time.time() - after), 2)
+    finally:
+        await conn.close()
+
+
 async def memory(ctx: Context) -> dict[str, Any]:
     """RSS of a ready, idle dispatcher with the run's subscriptions, then with 100k of
     them, idle and after a burst of deliveries spread over as many shops as it has."""
@@ -486,6 +591,9 @@ async def bench(opts: Options, work: Path, results: dict[str, Any]) -> None:
 
 async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
     """The scenarios, in order; each result is stored as soon as it is known."""
+    if ctx.opts.only == "history":
+        results["history"] = await history(ctx)
+        return
     runs = results["ceiling"] = {"runs": {}}
     runs["runs"]["start"] = await ceiling(ctx, "start")
     results["throughput"], results["latency"] = await throughput_and_latency(ctx)
@@ -494,6 +602,7 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
     if not ctx.opts.skip_info:
         results["throughput_info"] = await info_level(ctx)
     runs["runs"]["end"] = await ceiling(ctx, "end")
+    results["history"] = await history(ctx)
     results["memory"] = await memory(ctx)
     if ctx.gc_traces:
         attach_gc(ctx.gc_traces, results)
@@ -504,6 +613,7 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
 def attach_gc(traces: dict[str, dict[str, Any]], results: dict[str, Any]) -> None:
     """Add GC pauses and loop lags, between first and last receipt, to each scenario."""
     scenarios = [results.get(n) for n in ("throughput", "latency", "import", "throughput_info")]
+    scenarios += results.get("history", {}).get("runs", [])
     scenarios.append(results.get("memory", {}).get("full_under_load"))
     for scenario in scenarios:
         trace = traces.get(scenario.get("dispatcher_run", "")) if scenario else None
@@ -549,6 +659,15 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--max-seconds", type=float, default=600.0, help="hard limit of the whole run")
     p.add_argument("--skip-info", action="store_true", help="skip the info-log-level run")
     p.add_argument(
+        "--history-events", type=int, help="events of each history run (default 20000; quick 3000)"
+    )
+    p.add_argument(
+        "--only",
+        choices=("history",),
+        default="",
+        help="run one scenario alone (history: attempt log off/on/on/off, storage per attempt)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="run the throughput dispatcher under cProfile (its figures are then not comparable)",
@@ -573,6 +692,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         import_entities=a.import_entities or (10_000 if a.quick else 100_000),
         subscriptions=a.subscriptions,
         info_events=events,
+        history_events=a.history_events or (3_000 if a.quick else 20_000),
         max_in_flight=a.max_in_flight,
         partitions=a.partitions,
         kafka=a.kafka,
@@ -584,6 +704,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         gc_trace=a.gc_trace,
         keep=a.keep,
         show=a.show,
+        only=a.only,
     )
 
 

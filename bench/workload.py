@@ -15,11 +15,15 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
+
+from dispatcher import events
+from dispatcher.notification import Notification
 
 SHOP_PREFIX = "bench-shop-"
 IMPORT_SHOP = "bench-import-shop"
@@ -162,21 +166,11 @@ def import_item(import_id: str, total: int) -> MakeMessage:
 
 
 def sample_body(make: MakeMessage, phase: str) -> bytes:
-    """A notification body like the dispatcher's for one event of ``make``, in ``phase``."""
-    event = orjson.loads(make(0, time.time())[1])
-    return orjson.dumps(
-        {
-            "type": event["event_type"],
-            "entity_name": event["entity_name"],
-            "time": event["time"],
-            "notification_uuid": str(uuid.uuid4()),
-            "environment_id": event["environment_id"],
-            "client_id": event["client_id"],
-            "from_user": event["from_user"],
-            "entities": [{**event["entity"], "phase": phase}],
-            "nRetry": 0,
-        }
-    )
+    """The dispatcher's notification body for one event of ``make``, in ``phase``."""
+    event = events.decode(make(0, time.time())[1])
+    entities = ({**event.entity, "phase": phase},)
+    notification = Notification.for_event(event, uuid.uuid4(), entities)
+    return notification.body(0, datetime.now(UTC))
 
 
 # --- producing ----------------------------------------------------------------------------

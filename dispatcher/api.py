@@ -9,10 +9,15 @@ Routes (the OpenAPI 3.1 document ``openapi.json`` of this package, linked from
     GET    /webhooks/{id}                one webhook, without its secret
     DELETE /webhooks/{id}                unsubscribe (204)
     PUT, PATCH /webhooks/{id}            405: delete the webhook and create it again
+    GET    /webhooks/{id}/attempts       its delivery attempts, newest first (cursor paging)
+    GET    /webhooks/{id}/attempts/{attempt_id}  one attempt, with its bodies
     GET    /webhooks/{id}/secret         the signing secret
     POST   /webhooks/{id}/secret/rotate  a new signing secret; the old one keeps signing
                                          too for ``DISPATCHER_SECRET_ROTATION_GRACE_SECONDS``
     GET    /openapi.json                 the OpenAPI document (no token needed)
+    GET    /event-types                  every subscribable (entity, event) pair with the
+                                         JSON Schema of its notification (no token needed)
+    GET    /event-types/{entity_name}/{event_type}  one of them (no token needed)
 
 Every answer with a body is JSON; every error is ``{"error": {"type", "code", "message"}}`` (plus
 ``field`` when one field of the request is at fault). The signing secret is in no answer but
@@ -41,10 +46,19 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from dispatcher import signing
+from dispatcher import event_types, notification, signing
 from dispatcher.catalog import Catalog
-from dispatcher.client import HttpClient
+from dispatcher.client import HttpClient, Outcome
+from dispatcher.history import (
+    UNKNOWN_HEALTH,
+    AttemptQuery,
+    AttemptRecord,
+    Cursor,
+    History,
+    attempt_json,
+)
 from dispatcher.netguard import BlockedAddress, check_host, is_blocked
+from dispatcher.notification import Notification
 from dispatcher.settings import Settings
 from dispatcher.store import DuplicateWebhook, Principal, Store, Webhook, new_secret
 
@@ -126,11 +140,17 @@ class Page:
 
 
 def create_app(
-    *, store: Store, catalog: Catalog, http: HttpClient, settings: Settings
+    *,
+    store: Store,
+    catalog: Catalog,
+    http: HttpClient,
+    settings: Settings,
+    history: History | None = None,
 ) -> web.Application:
-    """The API as an aiohttp application; the caller may add routes (health, metrics)."""
+    """The API as an aiohttp application; the caller may add routes (health, metrics).
+    ``history`` is the delivery history (None when ``DISPATCHER_ATTEMPT_LOG`` is off)."""
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
-    handlers = _Handlers(store, catalog, http, settings, openapi_document())
+    handlers = _Handlers(store, catalog, http, settings, openapi_document(catalog), history)
     router = app.router
     router.add_post("/webhooks", handlers.create_webhook)
     router.add_get("/webhooks", handlers.list_webhooks, allow_head=False)
@@ -139,14 +159,52 @@ def create_app(
     for method in sorted(REFUSED_METHODS):
         router.add_route(method, "/webhooks/{id}", handlers.refuse_change)
     router.add_get("/webhooks/{id}/secret", handlers.get_secret, allow_head=False)
+    router.add_get("/webhooks/{id}/attempts", handlers.list_attempts, allow_head=False)
+    router.add_get("/webhooks/{id}/attempts/{attempt_id}", handlers.get_attempt, allow_head=False)
     router.add_post("/webhooks/{id}/secret/rotate", handlers.rotate_secret)
     router.add_get("/openapi.json", handlers.openapi, allow_head=False)
+    published = _EventTypes(catalog)
+    router.add_get("/event-types", published.list_event_types, allow_head=False)
+    router.add_get(
+        "/event-types/{entity_name}/{event_type}", published.get_event_type, allow_head=False
+    )
     return app
 
 
-def openapi_document() -> bytes:
-    """The OpenAPI 3.1 document of this API, as served at ``/openapi.json``."""
-    return resources.files("dispatcher").joinpath("openapi.json").read_bytes()
+def openapi_document(catalog: Catalog | None = None) -> bytes:
+    """The OpenAPI 3.1 document of this API, as served at ``/openapi.json``: the file of
+    this package, whose ``webhooks`` describe the built-in catalog's notifications, or
+    with those of ``catalog`` when an operator replaced it."""
+    doc = resources.files("dispatcher").joinpath("openapi.json").read_bytes()
+    if catalog is None:
+        return doc
+    parsed = orjson.loads(doc)
+    served = event_types.with_openapi_parts(parsed, catalog)
+    return doc if served == parsed else orjson.dumps(served)
+
+
+class _EventTypes:
+    """``GET /event-types`` and one of them: the answers are built once, from the catalog."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        published = event_types.event_types(catalog)
+        self._all = orjson.dumps([t.to_json() for t in published])
+        self._one = {(t.entity_name, t.event_type): orjson.dumps(t.to_json()) for t in published}
+
+    async def list_event_types(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._all, content_type="application/json")
+
+    async def get_event_type(self, request: web.Request) -> web.Response:
+        entity_name = request.match_info["entity_name"]
+        event_type = request.match_info["event_type"]
+        body = self._one.get((entity_name, event_type.upper()))
+        if body is None:
+            raise ApiError(
+                404,
+                f"no event type {entity_name[:100]!r} {event_type[:100]!r}; "
+                "GET /event-types lists them",
+            )
+        return web.Response(body=body, content_type="application/json")
 
 
 # --- handlers ---------------------------------------------------------------------------
@@ -156,8 +214,15 @@ class _Handlers:
     """The route handlers, sharing the store, catalog, HTTP client and settings."""
 
     def __init__(
-        self, store: Store, catalog: Catalog, http: HttpClient, settings: Settings, doc: bytes
+        self,
+        store: Store,
+        catalog: Catalog,
+        http: HttpClient,
+        settings: Settings,
+        doc: bytes,
+        history: History | None,
     ) -> None:
+        self._history = history
         self._store = store
         self._catalog = catalog
         self._http = http
@@ -174,7 +239,7 @@ class _Handlers:
             raise _duplicate(sub, existing.id)
         await check_reachable(URL(sub.url), self._settings)
         secret = new_secret()
-        await self._check_endpoint(principal, sub, secret)
+        check = await self._check_endpoint(principal, sub, secret)
         try:
             webhook = await self._store.create_webhook(
                 principal,
@@ -193,6 +258,7 @@ class _Handlers:
             entity_name=webhook.entity_name,
             event_type=webhook.event_type,
         )
+        await self._record_check(webhook, check)
         location = f"/webhooks/{webhook.id}"
         return _json(webhook.with_secret(), status=201, headers={hdrs.LOCATION: location})
 
@@ -219,7 +285,60 @@ class _Handlers:
     async def get_webhook(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
         webhook = await self._own_webhook(request, principal)
-        return _json(webhook.public())
+        health = UNKNOWN_HEALTH if self._history is None else await self._history.health(webhook.id)
+        return _json({**webhook.public(), "health": health.to_json()})
+
+    async def list_attempts(self, request: web.Request) -> web.Response:
+        principal = await _authenticate(request, self._store)
+        webhook = await self._own_webhook(request, principal)
+        history = self._need_history()
+        query = parse_attempt_query(request.query, webhook.id)
+        rows = await history.attempts(query)
+        more = len(rows) > query.limit - 1
+        rows = rows[: query.limit - 1]
+        last = rows[-1] if rows and more else None
+        cursor = Cursor(last["attempted_at"], last["id"]).encode() if last else None
+        return _json({"results": [attempt_json(r) for r in rows], "next_cursor": cursor})
+
+    async def get_attempt(self, request: web.Request) -> web.Response:
+        principal = await _authenticate(request, self._store)
+        webhook = await self._own_webhook(request, principal)
+        history = self._need_history()
+        raw = request.match_info["attempt_id"]
+        try:
+            attempt_id = uuid.UUID(raw)
+        except ValueError:
+            raise ApiError(404, f"no attempt with id {raw[:100]!r}") from None
+        row = await history.attempt(webhook.id, attempt_id)
+        if row is None:
+            raise ApiError(404, f"no attempt with id {raw[:100]!r}")
+        return _json(attempt_json(row, with_bodies=True))
+
+    def _need_history(self) -> History:
+        if self._history is None:
+            raise ApiError(
+                404, "the delivery history is off on this server (DISPATCHER_ATTEMPT_LOG=off)"
+            )
+        return self._history
+
+    async def _record_check(self, webhook: Webhook, check: _Check) -> None:
+        """The SUBSCRIBED test is an attempt of the webhook's history too."""
+        if self._history is None:
+            return
+        notification = Notification(
+            check.msg_id, webhook.id, "SUBSCRIBED", webhook.entity_name,
+            webhook.environment_id, webhook.client_id, None, (),
+        )  # fmt: skip
+        record = AttemptRecord.of(
+            notification, webhook.environment_id, 0,
+            at=check.at, body=check.body, outcome=check.outcome, trigger="subscribe",
+        )  # fmt: skip
+        try:
+            await self._history.write([record])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning(
+                "subscribe_attempt_not_recorded", webhook_id=str(webhook.id), error=repr(exc)
+            )
 
     async def delete_webhook(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
@@ -272,15 +391,15 @@ class _Handlers:
             raise _not_found(request)
         return webhook
 
-    async def _check_endpoint(self, principal: Principal, sub: Subscription, secret: str) -> None:
+    async def _check_endpoint(self, principal: Principal, sub: Subscription, secret: str) -> _Check:
         """POST the signed SUBSCRIBED test message; 422 saying why unless it got 200."""
-        body = subscribed_body(principal, sub.entity_name, datetime.now(UTC))
-        headers = signing.headers(
-            signing.secret_key(secret), str(uuid.uuid4()), int(time.time()), body
-        )
+        at = time.time()
+        body = subscribed_body(principal, sub.entity_name, datetime.fromtimestamp(at, UTC))
+        msg_id = str(uuid.uuid4())
+        headers = signing.headers(signing.secret_key(secret), msg_id, int(at), body)
         outcome = await self._http.post(sub.url, body, headers)
         if outcome.ok:
-            return
+            return _Check(msg_id, at, body, outcome)
         log.info(
             "webhook_check_failed",
             environment_id=principal.environment_id,
@@ -297,17 +416,79 @@ class _Handlers:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Check:
+    """The SUBSCRIBED test POST that a create made."""
+
+    msg_id: str
+    at: float
+    body: bytes
+    outcome: Outcome
+
+
+MAX_ATTEMPTS_PAGE = 250
+DEFAULT_ATTEMPTS_PAGE = 50
+
+
+def parse_attempt_query(query: Mapping[str, str], webhook_id: uuid.UUID) -> AttemptQuery:
+    """The filters of ``GET /webhooks/{id}/attempts``; 400 naming the bad one. The limit
+    returned is one more than asked, to tell whether another page follows."""
+    outcome = query.get("outcome")
+    if outcome not in (None, "delivered", "failed"):
+        raise ApiError(400, "outcome: expected delivered or failed", field="outcome")
+    limit = _number(query, "limit", DEFAULT_ATTEMPTS_PAGE, 1, MAX_ATTEMPTS_PAGE)
+    notification = query.get("notification_uuid")
+    entity_id = query.get("entity_id")
+    if entity_id is not None and not 0 < len(entity_id) <= 200:
+        raise ApiError(400, "entity_id: expected 1 to 200 characters", field="entity_id")
+    cursor = query.get("cursor")
+    try:
+        parsed_cursor = Cursor.decode(cursor) if cursor is not None else None
+    except ValueError:
+        raise ApiError(400, "cursor: not a next_cursor of this API", field="cursor") from None
+    return AttemptQuery(
+        limit=limit + 1,
+        webhook_id=webhook_id,
+        failed=None if outcome is None else outcome == "failed",
+        since=_moment(query, "since"),
+        until=_moment(query, "until"),
+        notification_uuid=_uuid(notification, "notification_uuid"),
+        entity_id=entity_id,
+        cursor=parsed_cursor,
+    )
+
+
+def _moment(query: Mapping[str, str], name: str) -> datetime | None:
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise ApiError(
+            400,
+            f"{name}: expected an ISO 8601 time with a time zone, "
+            f"e.g. 2026-01-01T10:00:00Z, got {raw[:40]!r}",
+            field=name,
+        )
+    return moment
+
+
+def _uuid(raw: str | None, name: str) -> uuid.UUID | None:
+    if raw is None:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: expected a UUID, got {raw[:40]!r}", field=name) from None
+
+
 def subscribed_body(principal: Principal, entity_name: str, now: datetime) -> bytes:
-    """The documented test message, ``time`` in UTC with milliseconds."""
-    stamp = now.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return orjson.dumps(
-        {
-            "type": "SUBSCRIBED",
-            "entity_name": entity_name,
-            "time": stamp,
-            "environment_id": principal.environment_id,
-            "client_id": principal.client_id,
-        }
+    """The documented test message of the principal's shop, ``time`` in UTC with milliseconds."""
+    return notification.subscribed_body(
+        entity_name, principal.environment_id, principal.client_id, now
     )
 
 

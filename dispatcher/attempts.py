@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from dispatcher import durable, signing
 from dispatcher.client import HttpClient, Outcome, parse_url
 from dispatcher.delays import DelayQueue
+from dispatcher.history import AttemptLog, AttemptRecord, Trigger
 from dispatcher.metrics import Metrics
 from dispatcher.notices import Failure, Notice
 from dispatcher.notification import Notification
@@ -88,8 +89,10 @@ class Attempts:
         max_in_flight_per_endpoint: int,
         clock: Clock,
         metrics: Metrics,
+        attempt_log: AttemptLog | None = None,
     ) -> None:
         self._http = http
+        self._log = attempt_log
         self._policy = policy
         self._delays = delays
         self._producer = producer
@@ -104,9 +107,14 @@ class Attempts:
         self._handing_off = False
 
     async def make(
-        self, webhook: Webhook, notification: Notification, n_retry: int
+        self,
+        webhook: Webhook,
+        notification: Notification,
+        n_retry: int,
+        trigger: Trigger = "scheduled",
     ) -> Outcome | Deferred:
-        """One attempt; what follows a failure is durable before this returns.
+        """One attempt; its attempt record (when the history is on) and what follows a
+        failure are durable before this returns.
 
         A slow endpoint (attempts taking over ``SLOW_SECONDS``) that already has
         ``QUEUE_FACTOR`` times its in-flight bound under way or waiting gets no more: the
@@ -132,8 +140,9 @@ class Attempts:
                 self._metrics.in_flight.inc()
                 started = time.monotonic()
                 gate.starts.append(started)
+                at = self._clock()
                 try:
-                    body, outcome = await self._attempt(webhook, notification, n_retry)
+                    body, outcome = await self._attempt(webhook, notification, n_retry, at)
                 finally:
                     self._metrics.in_flight.dec()
                     gate.finished(started, time.monotonic())
@@ -150,10 +159,15 @@ class Attempts:
                 del self._gates[endpoint]
         _log_attempt(webhook, notification, n_retry, outcome)
         self._metrics.observe(outcome.label, outcome.duration_ms)
+        if self._log is not None:
+            record = AttemptRecord.of(
+                notification, webhook.environment_id, n_retry,
+                at=at, body=body, outcome=outcome, trigger=trigger,
+            )  # fmt: skip
+            await self._log.record(record)
         if not outcome.ok:
-            await self._failed(
-                webhook, notification, Failure(n_retry, self._clock(), body, outcome)
-            )
+            failure = Failure(n_retry, self._clock(), body, outcome)
+            await self._failed(webhook, notification, failure)
         return outcome
 
     def hand_off(self) -> None:
@@ -219,9 +233,8 @@ class Attempts:
         return Deferred(reason)
 
     async def _attempt(
-        self, webhook: Webhook, notification: Notification, n_retry: int
+        self, webhook: Webhook, notification: Notification, n_retry: int, now: float
     ) -> tuple[bytes, Outcome]:
-        now = self._clock()
         body = notification.body(n_retry, datetime.fromtimestamp(now, UTC))
         # The current secret, and during a rotation's grace period the previous one too.
         keys = []

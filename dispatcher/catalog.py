@@ -9,16 +9,23 @@ The catalog is data (``catalog.json`` in this package). Operators extend or repl
 
 ``imports`` says what happens to events of an import: ``single`` (default, one
 notification each), ``batch`` (grouped, up to the batch size) or ``skip`` (not sent).
+
+What integrators are told about each pair is data too, all optional: ``description`` of
+the entity, ``events`` as an object mapping each event type to what it means (instead of
+a list), ``deprecated`` (what to use instead) and ``entity_schema``, the JSON Schema of
+one element of a notification's ``entities`` (on every event but ``DELETED``, which
+carries only ``id`` and ``uuid``); without one, an entity is only known to have an
+``id``. ``dispatcher.event_types`` turns these into the JSON Schema of each notification.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
@@ -40,6 +47,11 @@ class Entity:
     name: str
     events: frozenset[str]
     imports: ImportPolicy = "single"
+    description: str = ""
+    deprecated: str = ""  # what to use instead; empty when the entity is not deprecated
+    event_descriptions: Mapping[str, str] = field(default_factory=dict, hash=False)
+    # JSON Schema of one element of ``entities`` (but on DELETED); None: only ``id`` is known
+    entity_schema: Mapping[str, Any] | None = field(default=None, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +86,36 @@ def parse(data: object, *, source: str = "catalog") -> Catalog:
         if not isinstance(spec, dict):
             raise CatalogError(f"{where}: expected an object with 'events'")
         events = spec.get("events")
-        if not isinstance(events, list) or not events:
-            raise CatalogError(f"{where}: 'events' must be a non-empty list")
-        upper = set()
+        if not isinstance(events, list | dict) or not events:
+            raise CatalogError(
+                f"{where}: 'events' must be a non-empty list, or an object of descriptions"
+            )
+        described: dict[str, str] = {}
         for event in events:
             if not isinstance(event, str) or not _EVENT.match(event.upper()):
                 raise CatalogError(f"{where}: bad event type {event!r}")
-            upper.add(event.upper())
+            text = events[event] if isinstance(events, dict) else ""
+            if not isinstance(text, str):
+                raise CatalogError(f"{where}: the description of {event} must be a string")
+            described[event.upper()] = text
         imports = spec.get("imports", "single")
         if imports not in ("single", "batch", "skip"):
             raise CatalogError(f"{where}: 'imports' must be single, batch or skip")
-        entities[name] = Entity(name, frozenset(upper), imports)
+        for key in ("description", "deprecated"):
+            if not isinstance(spec.get(key, ""), str):
+                raise CatalogError(f"{where}: '{key}' must be a string")
+        schema = spec.get("entity_schema")
+        if schema is not None and not isinstance(schema, dict):
+            raise CatalogError(f"{where}: 'entity_schema' must be a JSON Schema (an object)")
+        entities[name] = Entity(
+            name,
+            frozenset(described),
+            imports,
+            description=spec.get("description", ""),
+            deprecated=spec.get("deprecated", ""),
+            event_descriptions={e: text for e, text in described.items() if text},
+            entity_schema=schema,
+        )
     return Catalog(entities)
 
 

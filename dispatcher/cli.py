@@ -9,16 +9,21 @@ import sys
 import traceback
 import uuid
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
+import asyncpg
+import orjson
 import structlog
 
-from dispatcher import __version__, db, logs
+from dispatcher import __version__, catalog, db, event_types, logs
 from dispatcher.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     DispatcherError,
     KafkaUnavailable,
 )
+from dispatcher.history import AttemptQuery, History, attempt_json
 from dispatcher.settings import Settings, documentation
 from dispatcher.store import Store
 
@@ -79,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
         help="list every setting with its default",
         description="Print each DISPATCHER_* variable, its default and what it does.",
     )
+    listing_types = sub.add_parser(
+        "catalog",
+        help="list the event types webhooks can subscribe to",
+        description="Print every (entity, event) pair of the catalog (DISPATCHER_CATALOG_FILE "
+        "or the built-in one), what happens to its events in an import, and what it means: "
+        "a table, or with --json the JSON array of GET /event-types, schemas included.",
+    )
+    listing_types.add_argument("--json", action="store_true", help="print a JSON array")
 
     token = sub.add_parser(
         "token", help="manage static API tokens", description="Manage static API tokens."
@@ -99,12 +112,72 @@ def _parser() -> argparse.ArgumentParser:
         "list", help="list tokens (never shows them)", description="List tokens by id."
     )
     listing.add_argument("--environment-id", help="only this shop's tokens")
+    _attempts_parser(sub)
     return parser
+
+
+ATTEMPTS_MAX_LIMIT = 10_000
+ATTEMPTS_FORMS = "give --webhook ID, or --environment-id SHOP with --entity-id ID"
+
+
+def _attempts_parser(sub: Any) -> None:
+    attempts = sub.add_parser(
+        "attempts",
+        help="list recorded delivery attempts (the delivery history)",
+        description="List the recorded attempts of one webhook (--webhook), or those of a "
+        "shop that carried an entity (--environment-id with --entity-id), newest first: "
+        "a table, or with --json a JSON array of the API's attempt objects.",
+    )
+    attempts.add_argument("--webhook", type=uuid.UUID, metavar="ID", help="the webhook's id")
+    attempts.add_argument("--environment-id", metavar="SHOP", help="the shop's id")
+    attempts.add_argument("--entity-id", metavar="ID", help="only attempts carrying this entity")
+    attempts.add_argument("--failed", action="store_true", help="only failed attempts")
+    attempts.add_argument("--since", type=_moment, metavar="ISO", help="attempted at or after")
+    attempts.add_argument("--until", type=_moment, metavar="ISO", help="attempted before")
+    attempts.add_argument(
+        "--limit",
+        type=_limit,
+        default=50,
+        metavar="N",
+        help=f"the N newest attempts (default 50, at most {ATTEMPTS_MAX_LIMIT})",
+    )
+    attempts.add_argument("--json", action="store_true", help="print a JSON array")
+    attempts.set_defaults(usage_error=attempts.error)
+
+
+def _attempts_form(args: argparse.Namespace) -> bool:
+    """One of the two forms: a webhook, or a shop with an entity."""
+    return args.webhook is not None or None not in (args.environment_id, args.entity_id)
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 time; one without a time zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-01-01T10:00:00Z)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= ATTEMPTS_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer from 1 to {ATTEMPTS_MAX_LIMIT}, got {text!r}"
+        )
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command of ``argv``; every failure is one line on stderr and an exit code."""
     args = _parser().parse_args(argv)
+    if args.command == "attempts" and not _attempts_form(args):
+        args.usage_error(ATTEMPTS_FORMS)  # exits 2, like any bad command line
     try:
         return _command(args)
     except KeyboardInterrupt:
@@ -130,6 +203,10 @@ def _command(args: argparse.Namespace) -> int:
         return 0
     if args.command == "token":
         return asyncio.run(_token(settings, args))
+    if args.command == "catalog":
+        return _catalog(settings, args)
+    if args.command == "attempts":
+        return asyncio.run(_attempts(settings, args))
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -196,3 +273,81 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         await pool.close()
+
+
+ATTEMPT_COLUMNS = (
+    "attempted_at", "outcome", "status", "nRetry", "trigger", "duration_ms",
+    "notification_uuid", "entity_ids", "error",
+)  # fmt: skip
+ENTITY_IDS_SHOWN = 5  # in the table; --json has them all
+
+
+async def _attempts(settings: Settings, args: argparse.Namespace) -> int:
+    """Read-only: no migration (its log lines would go to stdout, before the JSON)."""
+    pool = await db.create_pool(settings.database_url, max_size=1)
+    try:
+        query = AttemptQuery(
+            limit=args.limit,
+            webhook_id=args.webhook,
+            environment_id=args.environment_id,
+            failed=True if args.failed else None,
+            since=args.since,
+            until=args.until,
+            entity_id=args.entity_id,
+        )
+        try:
+            rows = await History(pool).attempts(query)
+        except asyncpg.UndefinedTableError:
+            _fail(
+                "cannot list attempts: the database has no delivery history table; "
+                "run 'dispatcher migrate' first"
+            )
+            return 1
+        found = [attempt_json(row) for row in rows]
+    finally:
+        await pool.close()
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(found, option=orjson.OPT_APPEND_NEWLINE))
+        sys.stdout.flush()
+    elif found:
+        print(_table([[_cell(name, a[name]) for name in ATTEMPT_COLUMNS] for a in found]))
+    else:
+        print("no attempts match")
+    return 0
+
+
+def _cell(name: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if name == "entity_ids":
+        shown = ",".join(value[:ENTITY_IDS_SHOWN])
+        return shown + (f",... ({len(value)})" if len(value) > ENTITY_IDS_SHOWN else "")
+    if name == "error":
+        return " ".join(str(value).split())
+    return str(value)
+
+
+def _table(rows: list[list[str]], columns: Sequence[str] = ATTEMPT_COLUMNS) -> str:
+    """``rows`` under the column names, each column as wide as its widest cell."""
+    lines = [list(columns), *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+CATALOG_COLUMNS = ("entity", "event", "import", "description")
+
+
+def _catalog(settings: Settings, args: argparse.Namespace) -> int:
+    """The event types of the catalog the daemon would load (no database, no Kafka)."""
+    published = event_types.event_types(catalog.load(settings.catalog_file))
+    if args.json:
+        listed = [t.to_json() for t in published]
+        sys.stdout.buffer.write(orjson.dumps(listed, option=orjson.OPT_APPEND_NEWLINE))
+        sys.stdout.flush()
+        return 0
+    rows = [[t.entity_name, t.event_type, t.imports, t.description] for t in published]
+    print(_table(rows, CATALOG_COLUMNS))
+    return 0

@@ -26,7 +26,8 @@ from dispatcher.policy import clamp_retry_after
 from dispatcher.settings import IPNetwork, Settings
 
 USER_AGENT = f"webhook-dispatcher/{__version__}"
-_BODY_HEAD = 512  # bytes of a failed response kept for the notice
+_BODY_HEAD = 4096  # bytes of a failed response kept (delivery history, notice)
+_DRAIN_HEAD = 512  # bytes of a 200's body read so that the connection can be reused
 
 ErrorKind = Literal["http", "timeout", "connection", "tls", "blocked"]
 
@@ -186,9 +187,9 @@ class HttpClient:
                     # connection can be reused; a huge or slow body must not turn a
                     # delivered message into a failure, so trouble here is ignored.
                     with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                        await response.content.read(_BODY_HEAD)
+                        await response.content.read(_DRAIN_HEAD)
                     return Outcome(200, None, "200 OK", took())
-                head = await response.content.read(_BODY_HEAD)
+                head = await _read_head(response.content, _BODY_HEAD)
                 return Outcome(
                     response.status,
                     "http",
@@ -205,6 +206,17 @@ class HttpClient:
             return Outcome(None, "tls", f"TLS error: {exc}", took())
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(None, "connection", f"connection error: {_describe(exc)}", took())
+
+
+async def _read_head(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a body (``read(n)`` returns what arrived so far)."""
+    head = b""
+    while len(head) < limit:
+        chunk = await content.read(limit - len(head))
+        if not chunk:
+            break
+        head += chunk
+    return head
 
 
 def _connector_failure(exc: aiohttp.ClientConnectorError, duration_ms: float) -> Outcome:

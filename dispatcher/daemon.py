@@ -37,10 +37,12 @@ from dispatcher.delays import DelayQueue
 from dispatcher.errors import ConfigurationError, DispatcherError
 from dispatcher.event_consumer import EventConsumer
 from dispatcher.health import Health
+from dispatcher.history import AttemptLog, History
 from dispatcher.imports import ImportBatcher
 from dispatcher.metrics import Metrics
 from dispatcher.notice_consumer import NoticeConsumer
 from dispatcher.policy import DelayTiers, RetryPolicy
+from dispatcher.recorder import Recorder
 from dispatcher.retry_consumer import RetryConsumer
 from dispatcher.settings import Settings
 from dispatcher.store import Store
@@ -129,7 +131,15 @@ class Daemon:
         if self.role in ("all", "api"):
             from dispatcher.api import create_app
 
-            app = create_app(store=store, catalog=the_catalog, http=http, settings=self.settings)
+            assert self._pool is not None
+            history = History(self._pool) if self.settings.attempt_log else None
+            app = create_app(
+                store=store,
+                catalog=the_catalog,
+                http=http,
+                settings=self.settings,
+                history=history,
+            )
         else:
             app = web.Application()
         Health(
@@ -185,6 +195,7 @@ class Daemon:
             max_in_flight_per_endpoint=s.max_in_flight_per_endpoint,
             clock=self.clock,
             metrics=m,
+            attempt_log=AttemptLog(producer, s.attempt_topic) if s.attempt_log else None,
         )
         if self.role in ("all", "dispatch"):
             batcher = ImportBatcher(
@@ -234,6 +245,19 @@ class Daemon:
             )
             consumer.subscribe([s.notice_topic], listener=notices.listener())
             await self._start_worker(group, notices)
+            if s.attempt_log:
+                assert self._pool is not None
+                consumer = _consumer(s, f"{s.consumer_group}-attempts")
+                recorder = Recorder(
+                    consumer,
+                    History(self._pool),
+                    dead_letters=dead_letters,
+                    settings=s,
+                    metrics=m,
+                )
+                consumer.subscribe([s.attempt_topic], listener=recorder.listener())
+                self._background(group, recorder.maintain(), "history-maintenance")
+                await self._start_worker(group, recorder)
 
     async def _retry_kafka(self, what: str, attempt: Callable[[], Awaitable[None]]) -> bool:
         """Retry ``attempt`` with backoff while Kafka is unreachable (not ready meanwhile).

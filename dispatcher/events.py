@@ -85,6 +85,11 @@ def decode(raw: bytes | None) -> Event:
     entity = data.get("entity")
     if not isinstance(entity, dict):
         raise InvalidEvent("'entity' must be a JSON object")
+    entity_id = entity.get("id")  # the published schemas of notifications require it
+    if not (isinstance(entity_id, int) and not isinstance(entity_id, bool)) and not (
+        isinstance(entity_id, str) and entity_id
+    ):
+        raise InvalidEvent("'entity' must have an 'id': an integer or a non-empty string")
     import_end = data.get("import_end", False)
     if import_end is None:
         import_end = False

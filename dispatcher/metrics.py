@@ -15,6 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 SKIP_REASONS = ("unmatched", "outside_catalog", "import_skipped")
+# Every label value known in advance starts at 0, so that rate() and increase() see the
+# first increment (a series born at 1 has no earlier sample to compare it with).
+OUTCOMES = ("200", "1xx", "3xx", "4xx", "5xx", "timeout", "connection", "tls", "blocked")
+CONSUMERS = ("dispatch", "retries", "notices", "recorder")
 DEAD_LETTER_REASONS = ("json", "shape", "field", "internal")
 
 
@@ -54,7 +58,8 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self._by_outcome: dict[str, Any] = {}
+        self._by_outcome: dict[str, Any] = {o: self.deliveries.labels(o) for o in OUTCOMES}
+        self.deliveries.labels("deferred")
         self.delivery_seconds = Histogram(
             "webhook_delivery_duration_seconds",
             "Time from the start of a delivery attempt's POST to its outcome.",
@@ -155,6 +160,8 @@ class Metrics:
             ["consumer"],
             registry=r,
         )
+        for consumer in CONSUMERS:
+            self.record_errors.labels(consumer)
         self.undecodable_batches = Counter(
             "webhook_undecodable_batches",
             "Kafka record batches that could not be decoded (unsupported codec, bad CRC, "
@@ -170,6 +177,10 @@ class Metrics:
             ["consumer", "topic"],
             registry=r,
         )
+        from prometheus_client import PlatformCollector, ProcessCollector  # process_*, python_info
+
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
     def observe(self, outcome: str, duration_ms: float) -> None:
         """One attempt's outcome label ("200", "5xx", "timeout", ...) and duration."""

@@ -86,7 +86,7 @@ class Notice:
             failed_at=_iso(failure.at),
             error=outcome.detail,
             status=outcome.status,
-            response_head=outcome.body_head,
+            response_head=outcome.body_head[:MAX_NOTICE_RESPONSE],
             next_attempt_at=next_at,
             request_body=_excerpt(failure.body),
         )
@@ -103,6 +103,7 @@ class Failure:
 
 
 MAX_NOTICE_BODY = 64 * 1024  # bytes of a request body quoted in a notice
+MAX_NOTICE_RESPONSE = 512  # characters of the response body quoted in a notice
 
 
 def _excerpt(body: bytes) -> str:

@@ -7,7 +7,13 @@
      "from_user": "user@example.com", "entities": [{...}], "nRetry": 0}
 
 ``notification_uuid`` is derived from (event id, webhook id), so a re-delivery after a
-crash, and every retry, carries the same one: receivers dedupe on it.
+crash, and every retry, carries the same one: receivers dedupe on it. A ``DELETED``
+notification carries only the ``id`` and ``uuid`` of its entities, whatever the event
+held. The ``SUBSCRIBED`` test message of a new webhook (:func:`subscribed_body`) is no
+notification of an event: it has only five of these fields.
+
+Both are published as JSON Schemas (``dispatcher.event_types``,
+``schemas/notification.schema.json``); a test checks these bodies against them.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dispatcher.events import Event
 
 # Fixed namespace of uuid5 notification ids; changing it would break receivers' dedupe.
 NAMESPACE = uuid.UUID("5b0c3e7a-9d1f-4c51-8a8e-2f4f0f6f9c11")
+DELETED = "DELETED"
+DELETED_FIELDS = ("id", "uuid")  # all that a DELETED notification carries of an entity
 
 
 def notification_uuid(event_id: str, webhook_id: uuid.UUID) -> str:
@@ -33,6 +41,21 @@ def notification_uuid(event_id: str, webhook_id: uuid.UUID) -> str:
 def iso_millis(moment: datetime) -> str:
     """``2022-02-22T11:13:04.892Z``: UTC, millisecond precision, as the platform sends."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def subscribed_body(
+    entity_name: str, environment_id: str, client_id: str, sent_at: datetime
+) -> bytes:
+    """The documented ``SUBSCRIBED`` test message POSTed to a URL before it is subscribed."""
+    return orjson.dumps(
+        {
+            "type": "SUBSCRIBED",
+            "entity_name": entity_name,
+            "time": iso_millis(sent_at),
+            "environment_id": environment_id,
+            "client_id": client_id,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +80,10 @@ class Notification:
     ) -> Notification:
         """The notification of ``event`` to a webhook; ``entities`` replaces the event's
         one entity for an import batch (whose first event ``event`` is)."""
+        if entities is None:
+            entities = (event.entity,)
+        if event.event_type == DELETED:
+            entities = tuple({k: e[k] for k in DELETED_FIELDS if k in e} for e in entities)
         return cls(
             notification_uuid=notification_uuid(event.event_id, webhook_id),
             webhook_id=webhook_id,
@@ -65,7 +92,7 @@ class Notification:
             environment_id=event.environment_id,
             client_id=event.client_id,
             from_user=event.from_user,
-            entities=(event.entity,) if entities is None else entities,
+            entities=entities,
         )
 
     def body(self, n_retry: int, sent_at: datetime) -> bytes:

@@ -24,6 +24,7 @@ from dispatcher.cache import SubscriptionCache
 from dispatcher.consumer import Consumer, Record
 from dispatcher.deadletter import DeadLetters
 from dispatcher.delays import DelayQueue, RetryRecord
+from dispatcher.history import Trigger
 from dispatcher.metrics import Metrics
 from dispatcher.policy import Retry, RetryPolicy
 from dispatcher.settings import Settings
@@ -110,7 +111,9 @@ class RetryConsumer(Consumer):
                 notification_uuid=retry.notification.notification_uuid,
             )
             return
-        await self._attempts.make(webhook, retry.notification, retry.n_retry)
+        # A deferred first try is still the scheduled one.
+        trigger: Trigger = "retry" if retry.n_retry > 0 else "scheduled"
+        await self._attempts.make(webhook, retry.notification, retry.n_retry, trigger)
 
     def hand_off(self) -> None:
         self._attempts.hand_off()

@@ -192,6 +192,15 @@ class Settings:
         "lost); false: its partition waits at it and /readyz fails.",
     )
     retry_topic: str = _setting("webhook-retries", _topic, "Delay topic holding scheduled retries.")
+    attempt_topic: str = _setting(
+        "webhook-attempts", _topic, "Topic carrying attempt records to the delivery history."
+    )
+    attempt_log: bool = _setting(
+        True, _bool, "on/off: record every attempt in the delivery history (PostgreSQL)."
+    )
+    attempt_retention_days: int = _setting(
+        30, _int_at_least(1), "Days of delivery history kept (whole daily partitions dropped)."
+    )
     notice_topic: str = _setting(
         "webhook-notices", _topic, "Topic queueing failure notices until they are mailed."
     )

@@ -26,7 +26,8 @@ TOPIC_ALREADY_EXISTS = 36  # Kafka's error code: a concurrent daemon was first
 
 def internal_topics(s: Settings) -> list[str]:
     tiers = DelayTiers.for_settings(s.retry_topic, retry_delay=s.retry_delay_seconds)
-    return [*tiers.topics, s.notice_topic, s.dead_letter_topic]
+    history = [s.attempt_topic] if s.attempt_log else []
+    return [*tiers.topics, s.notice_topic, s.dead_letter_topic, *history]
 
 
 async def ensure_topics(s: Settings) -> None:

@@ -179,9 +179,11 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
 @pytest.fixture
 async def receiver_factory(tls: Tls) -> AsyncIterator[MakeReceiver]:
     runners: list[web.AppRunner] = []
+    receivers: list[Receiver] = []
 
     async def make(status: int = 200, responder: Responder | None = None) -> Receiver:
         receiver = Receiver("", status=status, responder=responder)
+        receivers.append(receiver)
         app = web.Application()
         app.router.add_post("/hook", receiver.handle)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
@@ -195,6 +197,12 @@ async def receiver_factory(tls: Tls) -> AsyncIterator[MakeReceiver]:
     yield make
     for runner in runners:
         await runner.cleanup()
+    invalid = [f"{r.url}: {error}" for r in receivers for error in r.invalid]
+    if invalid:
+        pytest.fail(
+            "bodies that break schemas/notification.schema.json:\n" + "\n".join(invalid),
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -250,6 +258,7 @@ async def isolated_settings(
         retry_topic=await new_topic("retries"),
         notice_topic=await new_topic("notices"),
         dead_letter_topic=await new_topic("dead"),
+        attempt_topic=await new_topic("attempts"),
         drain_timeout_seconds=10.0,
     )
 

@@ -1,6 +1,7 @@
 """What the integration tests share besides fixtures: the services' addresses, the real
-HTTPS receiver and SMTP mailbox, events and how to produce them, the ``dispatcher``
-process, the local stack, and reading /readyz, /metrics and Kafka topics.
+HTTPS receiver (which checks every body against the published notification schema) and
+SMTP mailbox, events and how to produce them, the ``dispatcher`` process, the local stack,
+and reading /readyz, /metrics and Kafka topics.
 
 The fixtures that build these are in ``conftest.py`` next to this file; tests import
 the classes and helpers from here (``from tests.integration.support import ...``).
@@ -9,6 +10,7 @@ the classes and helpers from here (``from tests.integration.support import ...``
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import socket
@@ -29,6 +31,7 @@ import pytest
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiosmtpd.smtp import SMTP, Envelope, Session
+from jsonschema import Draft202012Validator
 
 from dispatcher.daemon import Daemon
 from dispatcher.policy import DelayTiers
@@ -78,21 +81,65 @@ class Received:
 
 
 Responder = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+NOTIFICATION_SCHEMA = ROOT / "schemas" / "notification.schema.json"
+
+
+@functools.cache
+def _published_validators() -> dict[str, Draft202012Validator]:
+    """A validator per body the published notification schema allows (its ``oneOf``):
+    ``subscribed`` and each ``<entity_name>.<type>``."""
+    doc = orjson.loads(NOTIFICATION_SCHEMA.read_bytes())
+    refs = [choice["$ref"] for choice in doc["oneOf"]]
+    return {
+        ref.rsplit("/", 1)[1]: Draft202012Validator(
+            {"$schema": doc["$schema"], "$defs": doc["$defs"], "$ref": ref},
+            format_checker=Draft202012Validator.FORMAT_CHECKER,
+        )
+        for ref in refs
+    }
+
+
+def schema_errors(body: bytes) -> list[str]:
+    """Why ``body`` is not what schemas/notification.schema.json publishes for its
+    (entity_name, type), or for SUBSCRIBED; empty when it is."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return [f"not JSON: {exc}"]
+    if not isinstance(data, dict):
+        return ["not a JSON object"]
+    kind = data.get("type")
+    key = "subscribed" if kind == "SUBSCRIBED" else f"{data.get('entity_name')}.{kind}"
+    validator = _published_validators().get(key)
+    if validator is None:
+        return [f"no published schema for {key!r}"]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or 'body'}: {e.message}"
+        for e in validator.iter_errors(data)
+    ]
 
 
 @dataclass
 class Receiver:
-    """A real HTTPS endpoint recording what it receives."""
+    """A real HTTPS endpoint recording what it receives. Each body is checked against the
+    published schema of its notification; a body that breaks it is answered as usual but
+    kept in ``invalid``, and the ``receiver_factory`` fixture fails the test at teardown
+    (``check_schema=False`` for a test that sends what no schema allows on purpose)."""
 
     url: str
     requests: list[Received] = field(default_factory=list)
     status: int = 200
     responder: Responder | None = None
+    check_schema: bool = True
+    invalid: list[str] = field(default_factory=list)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         loop = asyncio.get_running_loop()
+        errors = schema_errors(body) if self.check_schema else []
+        if errors:
+            self.invalid.append(f"{'; '.join(errors)} in {body[:2000]!r}")
         self.requests.append(Received(dict(request.headers), body, loop.time()))
         async with self._changed:
             self._changed.notify_all()
@@ -308,6 +355,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "retry_topic": settings.retry_topic,
         "notice_topic": settings.notice_topic,
         "dead_letter_topic": settings.dead_letter_topic,
+        "attempt_topic": settings.attempt_topic,
         "allow_private_targets": "127.0.0.0/8,::1/128",
         "tls_ca_file": settings.tls_ca_file,
         "drain_timeout_seconds": settings.drain_timeout_seconds,

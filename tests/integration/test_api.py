@@ -29,6 +29,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from dispatcher import catalog
 from dispatcher.api import MAX_BODY, create_app
 from dispatcher.client import HttpClient
+from dispatcher.history import History
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
 from tests.integration.support import (
@@ -152,7 +153,7 @@ def openapi() -> dict[str, Any]:
 
 @pytest.fixture
 async def api_factory(
-    store: Store, settings: Settings, openapi: dict[str, Any]
+    store: Store, pool: asyncpg.Pool, settings: Settings, openapi: dict[str, Any]
 ) -> AsyncIterator[ApiFactory]:
     """Builds the API on a real server; keyword arguments replace fields of ``settings``."""
     async with AsyncExitStack() as stack:
@@ -160,7 +161,13 @@ async def api_factory(
         async def make(**changes: Any) -> Api:
             configured = replace(settings, **changes)
             http = await stack.enter_async_context(HttpClient.from_settings(configured))
-            app = create_app(store=store, catalog=catalog.load(), http=http, settings=configured)
+            app = create_app(
+                store=store,
+                catalog=catalog.load(),
+                http=http,
+                settings=configured,
+                history=History(pool),
+            )
             client = await stack.enter_async_context(TestClient(TestServer(app)))
             return Api(client, openapi)
 
@@ -212,7 +219,12 @@ async def test_create_answers_201_with_the_webhook(
     assert reply.headers["Location"] == f"/webhooks/{webhook['id']}"
     fetched = await api.call("GET", reply.headers["Location"], token=token)
     assert fetched.status == 200
+    health = fetched.body.pop("health")
     assert fetched.body == without_secret(webhook)
+    # The SUBSCRIBED test is the webhook's first recorded attempt: it answered 200.
+    assert health["state"] == "healthy" and health["consecutive_failures"] == 0
+    assert health["last_success_at"] == health["last_attempt_at"] is not None
+    assert health["last_failure_at"] is None
 
 
 async def test_subscribed_message_is_documented_shape_and_signed(
@@ -712,6 +724,7 @@ async def test_reads_and_lists_never_show_the_secret(
     one = await api.call("GET", f"/webhooks/{created.body['id']}", token=token)
     plain = await api.call("GET", "/webhooks", token=token)
     paged = await api.call("GET", "/webhooks?pagination=true", token=token)
+    assert one.body.pop("health")["state"] == "healthy"  # only the single view has it
     for webhook in [one.body, *plain.body, *paged.body["results"]]:
         assert webhook == without_secret(created.body)
     for reply in [one, plain, paged]:

@@ -9,14 +9,20 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 import pytest
 
 from dispatcher import db
+from dispatcher.client import Outcome
+from dispatcher.history import AttemptRecord, History
+from dispatcher.notification import Notification
 
 PG_URL = os.environ.get(
     "DISPATCHER_TEST_DATABASE_URL", "postgresql://dispatcher@127.0.0.1:55432/dispatcher"
@@ -164,4 +170,125 @@ def test_unreadable_catalog_file_stops_run_with_one_line_and_exit_2() -> None:
     assert run.stderr.splitlines() == [
         "dispatcher: configuration error: cannot read catalog file /nonexistent/catalog.json: "
         "No such file or directory"
+    ]
+
+
+def write_attempts(url: str, records: list[AttemptRecord]) -> None:
+    async def write() -> None:
+        pool = await db.create_pool(url, max_size=1)
+        try:
+            await History(pool).write(records)
+        finally:
+            await pool.close()
+
+    asyncio.run(write())
+
+
+def attempt(
+    webhook_id: uuid.UUID, shop: str, at: float, entities: list[int], *, ok: bool, n_retry: int = 0
+) -> AttemptRecord:
+    notification = Notification(
+        str(uuid.uuid4()), webhook_id, "CLOSED", "sales", shop, "app", None,
+        tuple({"id": i} for i in entities),
+    )  # fmt: skip
+    outcome = (
+        Outcome(200, None, "HTTP 200", 8.0)
+        if ok
+        else Outcome(500, "http", "HTTP 500: database on fire", 8.0, body_head="on fire")
+    )
+    return AttemptRecord.of(
+        notification, shop, n_retry, at=at, body=b"{}", outcome=outcome,
+        trigger="retry" if n_retry else "scheduled",
+    )  # fmt: skip
+
+
+def test_attempts_lists_a_webhooks_or_an_entitys_attempts_as_a_table_or_json(
+    database_url: str,
+) -> None:
+    """'attempts --webhook' (with --failed, --since, --limit) and 'attempts --environment-id
+    --entity-id' print the newest attempts first, as a table or the API's JSON objects."""
+    hook, other_hook, foreign = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    now = time.time()
+    first = attempt(hook, "shop-1", now - 30, [123], ok=False)
+    retry = attempt(hook, "shop-1", now - 20, [123], ok=False, n_retry=1)
+    ok = attempt(hook, "shop-1", now - 10, [7], ok=True)
+    batch = attempt(other_hook, "shop-1", now - 5, list(range(200, 290)), ok=True)
+    theirs = attempt(foreign, "shop-2", now, [123], ok=True)
+    write_attempts(database_url, [first, retry, ok, batch, theirs])
+    env = {"DISPATCHER_DATABASE_URL": database_url}
+
+    table = dispatcher("attempts", "--webhook", str(hook), **env)
+    assert (table.returncode, table.stderr) == (0, "")
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == [
+        "attempted_at", "outcome", "status", "nRetry", "trigger", "duration_ms",
+        "notification_uuid", "entity_ids", "error",
+    ]  # fmt: skip
+    assert [row.split()[1:5] for row in rows] == [
+        ["delivered", "200", "0", "scheduled"],
+        ["http", "500", "1", "retry"],
+        ["http", "500", "0", "scheduled"],
+    ]
+    assert rows[1].endswith("HTTP 500: database on fire")
+    assert first.notification_uuid in rows[2]
+
+    failed = dispatcher("attempts", "--webhook", str(hook), "--failed", "--json", **env)
+    assert (failed.returncode, failed.stderr) == (0, "")
+    listed = orjson.loads(failed.stdout)
+    assert [a["id"] for a in listed] == [str(retry.id), str(first.id)]
+    assert set(listed[0]) == {
+        "id", "webhook_id", "notification_uuid", "nRetry", "attempted_at", "duration_ms",
+        "outcome", "status", "error", "entity_ids", "trigger",
+    }  # fmt: skip
+    assert listed[0]["nRetry"] == 1 and listed[0]["entity_ids"] == ["123"]
+
+    since = datetime.fromtimestamp(now - 25, UTC).isoformat()
+    recent = dispatcher("attempts", "--webhook", str(hook), "--since", since, "--json", **env)
+    assert [a["id"] for a in orjson.loads(recent.stdout)] == [str(ok.id), str(retry.id)]
+    newest = dispatcher("attempts", "--webhook", str(hook), "--limit", "1", "--json", **env)
+    assert [a["id"] for a in orjson.loads(newest.stdout)] == [str(ok.id)]
+
+    by_entity = dispatcher(
+        "attempts", "--environment-id", "shop-1", "--entity-id", "123", "--json", **env
+    )
+    assert (by_entity.returncode, by_entity.stderr) == (0, "")
+    assert [a["id"] for a in orjson.loads(by_entity.stdout)] == [str(retry.id), str(first.id)]
+    in_batch = dispatcher("attempts", "--environment-id", "shop-1", "--entity-id", "250", **env)
+    (row,) = in_batch.stdout.splitlines()[1:]
+    assert "200,201,202,203,204,... (90)" in row  # the table abbreviates; --json has them all
+    none = dispatcher("attempts", "--environment-id", "shop-3", "--entity-id", "123", **env)
+    assert (none.returncode, none.stdout) == (0, "no attempts match\n")
+    empty = dispatcher("attempts", "--webhook", str(uuid.uuid4()), "--json", **env)
+    assert (empty.returncode, empty.stdout) == (0, "[]\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["attempts"],
+        ["attempts", "--environment-id", "shop-1"],
+        ["attempts", "--webhook", "not-a-uuid"],
+        ["attempts", "--webhook", str(uuid.UUID(int=1)), "--since", "yesterday"],
+        ["attempts", "--webhook", str(uuid.UUID(int=1)), "--limit", "0"],
+    ],
+)
+def test_attempts_with_a_bad_command_line_exits_2_before_connecting(args: list[str]) -> None:
+    """A missing form or a bad value is a command-line error: exit 2, no connection tried."""
+    run = dispatcher(*args, DISPATCHER_DATABASE_URL=f"postgresql://u@127.0.0.1:{closed_port()}/x")
+    assert run.returncode == 2
+    assert run.stdout == ""
+    assert run.stderr.splitlines()[-1].startswith("dispatcher attempts: error: ")
+
+
+def test_attempts_with_the_database_down_is_one_line_and_exit_3() -> None:
+    """'attempts' reports an unreachable database like the other commands."""
+    port = closed_port()
+    run = dispatcher(
+        "attempts", "--webhook", str(uuid.UUID(int=1)),
+        DISPATCHER_DATABASE_URL=f"postgresql://u@127.0.0.1:{port}/x",
+    )  # fmt: skip
+    assert run.returncode == 3
+    assert run.stderr.splitlines() == [
+        f"dispatcher: database unavailable: cannot connect to PostgreSQL at 127.0.0.1:{port}/x: "
+        "connection refused; is PostgreSQL running? check DISPATCHER_DATABASE_URL"
     ]

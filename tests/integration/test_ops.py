@@ -133,14 +133,16 @@ async def test_missing_internal_topics_are_created_like_the_event_topic(
         retry_topic=f"retries-{tag}",
         notice_topic=f"notices-{tag}",
         dead_letter_topic=f"dead-{tag}",
+        attempt_topic=f"attempts-{tag}",
     )
     internal = internal_topics(settings)
-    assert len(internal) == 6 and f"{settings.retry_topic}-15m" in internal
+    assert len(internal) == 7 and f"{settings.retry_topic}-15m" in internal
+    assert settings.attempt_topic in internal
     try:
         await start_daemon(settings)
         described = await kafka_admin.describe_topics(internal)
         assert sorted(t["topic"] for t in described) == sorted(internal)
-        assert [len(t["partitions"]) for t in described] == [3] * 6
+        assert [len(t["partitions"]) for t in described] == [3] * 7
         assert settings.retry_topic not in await kafka_admin.list_topics()
     finally:
         await kafka_admin.delete_topics(internal)

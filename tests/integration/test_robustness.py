@@ -83,10 +83,10 @@ async def test_an_exception_in_a_delivery_costs_that_record_only(
     record; the consumer goes on and commits past it."""
     real = Attempts._attempt
 
-    async def attempt(self: Attempts, webhook: Any, notification: Any, n: int) -> Any:
+    async def attempt(self: Attempts, webhook: Any, notification: Any, *args: Any) -> Any:
         if notification.entities[0].get("id") == 666:
             raise KeyError("injected delivery bug")
-        return await real(self, webhook, notification, n)
+        return await real(self, webhook, notification, *args)
 
     monkeypatch.setattr(Attempts, "_attempt", attempt)
     shop, receiver = world.shop, world.receiver

@@ -1,0 +1,507 @@
+"""The delivery history: an attempt record for every attempt, and its storage.
+
+Every attempt (first tries, retries, import batches, the ``SUBSCRIBED`` test) becomes an
+:class:`AttemptRecord`. Deliveries produce it to the attempt topic
+(``DISPATCHER_ATTEMPT_TOPIC``) with the rest of the attempt's durable work, off the HTTP
+path; the recorder (:mod:`dispatcher.recorder`) writes those to PostgreSQL in batches.
+:class:`History` holds the SQL: the batched, idempotent write (a replayed record is
+skipped), the daily partitions (created ahead, dropped after
+``DISPATCHER_ATTEMPT_RETENTION_DAYS``: retention never deletes rows), and the queries of
+the API and the CLI. Never the signing secret or the signature: a record holds the
+request body, not its headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+import orjson
+import structlog
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from dispatcher import durable
+from dispatcher.client import Outcome
+from dispatcher.notification import Notification, iso_millis
+
+log = structlog.get_logger(__name__)
+
+Trigger = Literal["scheduled", "retry", "subscribe", "manual", "recovery"]
+MAX_ENTITY_IDS = 1000  # entity ids kept per attempt (an import batch has at most 80)
+MAX_REQUEST_BODY = 1024 * 1024  # bytes of a failed attempt's request body kept
+MAX_RESPONSE_BODY = 4096  # bytes of a failed attempt's response body kept
+MAX_ERROR = 500  # characters of the error text kept
+TABLE = "webhook_attempts"
+
+
+def _entity_ids(entities: Sequence[dict[str, Any]]) -> list[str]:
+    return [str(e.get("id")) for e in entities[:MAX_ENTITY_IDS]]
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes (never inside a character)."""
+    raw = text.encode("utf-8")
+    return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt, as recorded. ``attempted_at`` is Unix seconds."""
+
+    id: uuid.UUID
+    webhook_id: uuid.UUID
+    environment_id: str
+    notification_uuid: str
+    n_retry: int
+    attempted_at: float
+    duration_ms: float
+    outcome: str  # delivered, http, timeout, connection, tls, blocked
+    status: int | None
+    error: str | None
+    entity_ids: tuple[str, ...]
+    trigger: Trigger
+    request_body: str | None = None  # failed attempts only
+    response_body: str | None = None  # failed attempts only
+
+    @classmethod
+    def of(
+        cls,
+        notification: Notification,
+        environment_id: str,
+        n_retry: int,
+        *,
+        at: float,
+        body: bytes,
+        outcome: Outcome,
+        trigger: Trigger,
+    ) -> AttemptRecord:
+        failed = not outcome.ok
+        return cls(
+            id=uuid.uuid4(),
+            webhook_id=notification.webhook_id,
+            environment_id=environment_id,
+            notification_uuid=notification.notification_uuid,
+            n_retry=n_retry,
+            attempted_at=at,
+            duration_ms=outcome.duration_ms,
+            outcome=outcome.kind,
+            status=outcome.status,
+            error=outcome.detail[:MAX_ERROR] if failed else None,
+            entity_ids=tuple(_entity_ids(notification.entities)),
+            trigger=trigger,
+            request_body=_clip(body.decode("utf-8", "replace"), MAX_REQUEST_BODY)
+            if failed
+            else None,
+            response_body=_clip(outcome.body_head, MAX_RESPONSE_BODY) if failed else None,
+        )
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "id": str(self.id),
+                "webhook_id": str(self.webhook_id),
+                "environment_id": self.environment_id,
+                "notification_uuid": self.notification_uuid,
+                "n_retry": self.n_retry,
+                "attempted_at_ms": round(self.attempted_at * 1000),
+                "duration_ms": self.duration_ms,
+                "outcome": self.outcome,
+                "status": self.status,
+                "error": self.error,
+                "entity_ids": self.entity_ids,
+                "trigger": self.trigger,
+                "request_body": self.request_body,
+                "response_body": self.response_body,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A webhook's delivery health, from its recorded attempts."""
+
+    last_attempt_at: datetime | None
+    last_success_at: datetime | None
+    last_failure_at: datetime | None
+    consecutive_failures: int
+
+    @property
+    def state(self) -> str:
+        if self.last_attempt_at is None:
+            return "unknown"
+        return "failing" if self.consecutive_failures > 0 else "healthy"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "last_attempt_at": _iso(self.last_attempt_at),
+            "last_success_at": _iso(self.last_success_at),
+            "last_failure_at": _iso(self.last_failure_at),
+            "consecutive_failures": self.consecutive_failures,
+            "state": self.state,
+        }
+
+
+UNKNOWN_HEALTH = Health(None, None, None, 0)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else iso_millis(moment)
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a page of attempts (newest first) ended: the last row's time and id."""
+
+    attempted_at: datetime
+    id: uuid.UUID
+
+    def encode(self) -> str:
+        raw = f"{self.attempted_at.isoformat()}|{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        """Raises ValueError for anything :meth:`encode` did not make."""
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+            at, _, ident = raw.partition("|")
+            moment = datetime.fromisoformat(at)
+            if moment.tzinfo is None:
+                raise ValueError("no time zone")
+            return cls(moment, uuid.UUID(ident))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"not a cursor of this API: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptQuery:
+    """The filters of a listing of attempts; everything optional but the limit."""
+
+    limit: int
+    webhook_id: uuid.UUID | None = None
+    environment_id: str | None = None
+    failed: bool | None = None  # True: failed only; False: delivered only
+    since: datetime | None = None
+    until: datetime | None = None
+    notification_uuid: uuid.UUID | None = None
+    entity_id: str | None = None
+    cursor: Cursor | None = None
+
+
+_COLUMNS = (
+    "id, attempted_at, webhook_id, environment_id, notification_uuid, n_retry, duration_ms, "
+    "outcome, status, error, entity_ids, trigger"
+)
+
+
+def partition_name(day: date) -> str:
+    return f"{TABLE}_p{day:%Y%m%d}"
+
+
+class History:
+    """The delivery history's SQL, over a pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._partitions: set[date] = set()  # known to exist
+
+    # --- writing ------------------------------------------------------------------------
+
+    async def write(self, records: Sequence[AttemptRecord]) -> int:
+        """Insert ``records`` (skipping those written before) and update the webhooks'
+        health from the rows inserted now, in one statement; the rows inserted."""
+        return await self.write_rows([row_values(orjson.loads(r.encode())) for r in records])
+
+    async def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """:meth:`write` for rows made by :func:`row_values` (the recorder's lean path)."""
+        if not rows:
+            return 0
+        for day in {row[1].date() for row in rows}:
+            await self.ensure_partition(day)
+        columns = list(zip(*rows, strict=True))
+        inserted = await self._pool.fetchval(_WRITE, *columns)
+        return int(inserted or 0)
+
+    async def ensure_partition(self, day: date) -> None:
+        """The partition of ``day`` exists (created if missing)."""
+        if day in self._partitions:
+            return
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        # Another recorder may create it at the same moment: then it exists all the same.
+        with contextlib.suppress(asyncpg.DuplicateTableError, asyncpg.UniqueViolationError):
+            await self._pool.execute(
+                f"CREATE TABLE IF NOT EXISTS {partition_name(day)} PARTITION OF {TABLE} "
+                f"FOR VALUES FROM ('{start.isoformat()}') TO "
+                f"('{(start + timedelta(days=1)).isoformat()}')"
+            )
+        self._partitions.add(day)
+
+    async def maintain(self, *, today: date, retention_days: int, ahead: int = 2) -> list[str]:
+        """Create the partitions of ``today`` and ``ahead`` days more; drop those older
+        than ``retention_days``. Returns the partitions dropped."""
+        for n in range(ahead + 1):
+            await self.ensure_partition(today + timedelta(days=n))
+        oldest = today - timedelta(days=retention_days)
+        rows = await self._pool.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = $1::regclass",
+            TABLE,
+        )
+        dropped = []
+        for row in rows:
+            name: str = row["relname"]
+            try:
+                day = datetime.strptime(name.rsplit("_p", 1)[1], "%Y%m%d").date()
+            except (IndexError, ValueError):
+                continue  # not one of ours
+            if day < oldest:
+                await self._pool.execute(f"DROP TABLE IF EXISTS {name}")
+                self._partitions.discard(day)
+                dropped.append(name)
+        if dropped:
+            log.info("history_partitions_dropped", partitions=dropped)
+        return dropped
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def attempts(self, query: AttemptQuery) -> list[asyncpg.Record]:
+        """Attempts matching ``query``, newest first, at most ``query.limit``."""
+        where, args = [], []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if query.webhook_id is not None:
+            where.append(f"webhook_id = {arg(query.webhook_id)}")
+        if query.environment_id is not None:
+            where.append(f"environment_id = {arg(query.environment_id)}")
+        if query.failed is True:
+            where.append("outcome <> 'delivered'")
+        elif query.failed is False:
+            where.append("outcome = 'delivered'")
+        if query.since is not None:
+            where.append(f"attempted_at >= {arg(query.since)}")
+        if query.until is not None:
+            where.append(f"attempted_at < {arg(query.until)}")
+        if query.notification_uuid is not None:
+            where.append(f"notification_uuid = {arg(query.notification_uuid)}")
+        if query.entity_id is not None:
+            where.append(f"entity_ids @> ARRAY[{arg(query.entity_id)}::text]")
+        if query.cursor is not None:
+            at, ident = arg(query.cursor.attempted_at), arg(query.cursor.id)
+            where.append(f"(attempted_at, id) < ({at}, {ident})")
+        sql = (
+            f"SELECT {_COLUMNS} FROM {TABLE} WHERE {' AND '.join(where) or 'true'} "  # noqa: S608 - built from constants and placeholders
+            f"ORDER BY attempted_at DESC, id DESC LIMIT {arg(query.limit)}"
+        )
+        return list(await self._pool.fetch(sql, *args))
+
+    async def attempt(self, webhook_id: uuid.UUID, attempt_id: uuid.UUID) -> asyncpg.Record | None:
+        """One attempt of ``webhook_id``, with its bodies."""
+        return await self._pool.fetchrow(
+            f"SELECT {_COLUMNS}, request_body, response_body FROM {TABLE} "  # noqa: S608
+            "WHERE id = $1 AND webhook_id = $2",
+            attempt_id,
+            webhook_id,
+        )
+
+    async def health(self, webhook_id: uuid.UUID) -> Health:
+        row = await self._pool.fetchrow(
+            "SELECT last_attempt_at, last_success_at, last_failure_at, consecutive_failures "
+            "FROM webhook_health WHERE webhook_id = $1",
+            webhook_id,
+        )
+        return UNKNOWN_HEALTH if row is None else Health(*row.values())
+
+
+def attempt_json(row: asyncpg.Record, *, with_bodies: bool = False) -> dict[str, Any]:
+    """An attempt in the API's JSON (the names are a contract)."""
+    out: dict[str, Any] = {
+        "id": str(row["id"]),
+        "webhook_id": str(row["webhook_id"]),
+        "notification_uuid": str(row["notification_uuid"]),
+        "nRetry": row["n_retry"],
+        "attempted_at": iso_millis(row["attempted_at"]),
+        "duration_ms": round(float(row["duration_ms"]), 2),
+        "outcome": row["outcome"],
+        "status": row["status"],
+        "error": row["error"],
+        "entity_ids": list(row["entity_ids"]),
+        "trigger": row["trigger"],
+    }
+    if with_bodies:
+        out["request_body"] = row["request_body"]
+        out["response_body"] = row["response_body"]
+    return out
+
+
+def row_values(d: Any) -> tuple[Any, ...]:
+    """The columns of one attempt record as encoded on the attempt topic (a JSON object);
+    ValueError when it is not of :meth:`AttemptRecord.encode`'s shape."""
+    try:
+        status, error = d["status"], d["error"]
+        request, response = d.get("request_body"), d.get("response_body")
+        ids = d["entity_ids"]
+        if not all(isinstance(i, str) for i in ids) or not isinstance(d["environment_id"], str):
+            raise TypeError("entity_ids and environment_id must be strings")
+        for text in (error, request, response):
+            if text is not None and not isinstance(text, str):
+                raise TypeError("error and bodies must be strings or null")
+        if d["outcome"] not in OUTCOMES or d["trigger"] not in TRIGGERS:
+            raise ValueError(f"unknown outcome {d['outcome']!r} or trigger {d['trigger']!r}")
+        return (
+            uuid.UUID(d["id"]),
+            datetime.fromtimestamp(int(d["attempted_at_ms"]) / 1000, UTC),
+            uuid.UUID(d["webhook_id"]),
+            d["environment_id"],
+            uuid.UUID(d["notification_uuid"]),
+            int(d["n_retry"]),
+            float(d["duration_ms"]),
+            d["outcome"],
+            None if status is None else int(status),
+            error,
+            orjson.dumps(ids).decode(),
+            d["trigger"],
+            request,
+            response,
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"malformed attempt record: {exc!r}") from None
+
+
+OUTCOMES = frozenset({"delivered", "http", "timeout", "connection", "tls", "blocked"})
+TRIGGERS = frozenset({"scheduled", "retry", "subscribe", "manual", "recovery"})
+
+
+_WRITE = f"""
+WITH rows AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::timestamptz[], $3::uuid[], $4::text[], $5::uuid[], $6::int[],
+        $7::real[], $8::text[], $9::smallint[], $10::text[], $11::text[], $12::text[],
+        $13::text[], $14::text[]
+    ) AS r(id, attempted_at, webhook_id, environment_id, notification_uuid, n_retry,
+           duration_ms, outcome, status, error, entity_ids, trigger, request_body,
+           response_body)
+), ins AS (
+    INSERT INTO {TABLE} (id, attempted_at, webhook_id, environment_id, notification_uuid,
+                         n_retry, duration_ms, outcome, status, error, entity_ids, trigger,
+                         request_body, response_body)
+    SELECT id, attempted_at, webhook_id, environment_id, notification_uuid, n_retry,
+           duration_ms, outcome, status, error,
+           ARRAY(SELECT jsonb_array_elements_text(entity_ids::jsonb)), trigger,
+           request_body, response_body
+    FROM rows
+    ON CONFLICT DO NOTHING
+    RETURNING webhook_id, attempted_at, outcome
+), agg AS (
+    SELECT webhook_id,
+           max(attempted_at) AS last_attempt,
+           max(attempted_at) FILTER (WHERE outcome = 'delivered') AS last_success,
+           max(attempted_at) FILTER (WHERE outcome <> 'delivered') AS last_failure
+    FROM ins GROUP BY webhook_id
+), counted AS (
+    SELECT a.*, (SELECT count(*) FROM ins i
+                 WHERE i.webhook_id = a.webhook_id AND i.outcome <> 'delivered'
+                   AND i.attempted_at > coalesce(a.last_success, '-infinity'))::int AS failures
+    FROM agg a
+), health AS (
+    INSERT INTO webhook_health AS h (webhook_id, last_attempt_at, last_success_at,
+                                     last_failure_at, consecutive_failures)
+    SELECT webhook_id, last_attempt, last_success, last_failure, failures FROM counted
+    ON CONFLICT (webhook_id) DO UPDATE SET
+        last_attempt_at = GREATEST(h.last_attempt_at, EXCLUDED.last_attempt_at),
+        last_success_at = GREATEST(h.last_success_at, EXCLUDED.last_success_at),
+        last_failure_at = GREATEST(h.last_failure_at, EXCLUDED.last_failure_at),
+        consecutive_failures = CASE
+            WHEN EXCLUDED.last_success_at IS NOT NULL
+                 AND EXCLUDED.last_success_at >= coalesce(h.last_success_at, '-infinity')
+            THEN EXCLUDED.consecutive_failures
+            ELSE h.consecutive_failures + EXCLUDED.consecutive_failures
+        END
+    RETURNING 1
+)
+SELECT count(*) FROM ins
+"""  # noqa: S608 - constant table name
+
+
+class AttemptLog:
+    """Produces attempt records to the attempt topic, durably, before the attempt's source
+    offset may commit.
+
+    The records of attempts made within ``LINGER`` seconds travel as one Kafka message (a
+    JSON array; up to ``MAX_BATCH_BYTES``), acked once for all of them: one produce per
+    attempt would cost more CPU than the attempt's own POST. Each caller returns once its
+    record's message is acked (retried while Kafka is unreachable).
+    """
+
+    LINGER = 0.02  # seconds a batch stays open for more records
+    MAX_BATCH_BYTES = 256 * 1024
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._sent: asyncio.Future[None] | None = None  # resolves when the batch is acked
+        self._timer: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def record(self, record: AttemptRecord) -> None:
+        encoded = record.encode()
+        if self._size + len(encoded) > self.MAX_BATCH_BYTES:
+            self._flush()
+        if self._sent is None:
+            loop = asyncio.get_running_loop()
+            self._sent = loop.create_future()
+            self._timer = loop.call_later(self.LINGER, self._flush)
+        sent = self._sent
+        self._parts.append(encoded)
+        self._size += len(encoded)
+        # Shielded: a caller given up (a shutdown's hand-off) must not cancel the others'.
+        await asyncio.shield(sent)
+
+    def _flush(self) -> None:
+        if self._sent is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        parts, sent = self._parts, self._sent
+        self._parts, self._size, self._sent, self._timer = [], 0, None, None
+        task = asyncio.ensure_future(self._send(parts, sent))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, parts: list[bytes], sent: asyncio.Future[None]) -> None:
+        try:
+            await durable.send(self._producer, self._topic, b"[" + b",".join(parts) + b"]")
+        except KafkaError as exc:  # not an outage: e.g. bodies too large for a message
+            log.warning("attempt_records_too_large", records=len(parts), error=repr(exc))
+            for part in parts:
+                await self._send_alone(part)
+        except BaseException as exc:
+            if not sent.done():
+                sent.set_exception(exc)
+            raise
+        if not sent.done():
+            sent.set_result(None)
+
+    async def _send_alone(self, part: bytes) -> None:
+        """One record in a message of its own, without its bodies if it must."""
+        try:
+            await durable.send(self._producer, self._topic, b"[" + part + b"]")
+        except KafkaError:
+            data = orjson.loads(part)
+            data["request_body"] = data["response_body"] = None
+            try:
+                await durable.send(self._producer, self._topic, orjson.dumps([data]))
+            except KafkaError as again:
+                log.error("attempt_not_recorded", attempt_id=data["id"], error=repr(again))
