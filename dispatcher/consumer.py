@@ -28,9 +28,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from dispatcher.backoff import Backoff
-from dispatcher.deadletter import DeadLetters
+from dispatcher.deadletter import DeadLetters, where
 from dispatcher.metrics import Metrics
 from dispatcher.offsets import PartitionOffsets
+from dispatcher.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -60,19 +61,20 @@ class Consumer:
         self,
         consumer: AIOKafkaConsumer,
         *,
+        settings: Settings,
         metrics: Metrics,
         max_pending: int,
-        drain_timeout: float,
         dead_letters: DeadLetters | None = None,
-        skip_undecodable: bool = False,
         commit_interval: float = COMMIT_INTERVAL,
         fetch_max_records: int = 500,
     ) -> None:
+        """``settings`` gives the drain timeout and whether undecodable batches are
+        skipped; ``max_pending`` bounds the records taken and not finished."""
         self.consumer = consumer
         self._metrics = metrics
-        self.undecodable = Undecodable(skip=skip_undecodable)
+        self.undecodable = Undecodable(skip=settings.skip_undecodable_batches)
         self._slots = asyncio.Semaphore(max_pending)
-        self._drain_timeout = drain_timeout
+        self._drain_timeout = settings.drain_timeout_seconds
         self._dead_letters = dead_letters
         self._commit_interval = commit_interval
         self._fetch_max = fetch_max_records
@@ -278,14 +280,7 @@ class Consumer:
 
     async def _record_failed(self, tp: TopicPartition, record: Record, exc: Exception) -> None:
         self._count_errors(1)
-        log.error(
-            "record_failed",
-            consumer=self.name,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            exc_info=exc,
-        )
+        log.error("record_failed", consumer=self.name, **where(record), exc_info=exc)
         offsets = self._offsets.get(tp)
         last = offsets.last if offsets is not None else None
         if last is not None and record.offset <= last:
@@ -300,14 +295,7 @@ class Consumer:
         try:
             await self._dead_letters.send(record, f"internal: {type(exc).__name__}: {exc}")
         except Exception as error:
-            log.error(
-                "dead_letter_failed",
-                consumer=self.name,
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                error=repr(error),
-            )
+            log.error("dead_letter_failed", consumer=self.name, **where(record), error=repr(error))
 
     def _finished(self, future: asyncio.Future[None]) -> None:
         entries = self._inflight.pop(future)

@@ -24,6 +24,11 @@ SOURCE_HEADER = "dispatcher-dead-letter-source"
 MAX_REASON = 500  # characters of a reason kept in the header
 
 
+def where(record: ConsumerRecord[Any, Any]) -> dict[str, Any]:
+    """A record's coordinates, as log fields."""
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+
+
 class DeadLetters:
     """Produces records to the dead-letter topic."""
 
@@ -34,13 +39,7 @@ class DeadLetters:
     async def send(self, record: ConsumerRecord[Any, Any], reason: str) -> None:
         """Dead-letter ``record`` with ``reason``; retried while Kafka is unreachable."""
         reason = reason[:MAX_REASON]
-        log.warning(
-            "record_dead_lettered",
-            reason=reason,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-        )
+        log.warning("record_dead_lettered", reason=reason, **where(record))
         headers = [
             *(record.headers or ()),
             (REASON_HEADER, reason.encode("utf-8")),

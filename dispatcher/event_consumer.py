@@ -51,11 +51,10 @@ class EventConsumer(Consumer):
     ) -> None:
         super().__init__(
             consumer,
+            settings=settings,
             metrics=metrics,
             max_pending=settings.max_in_flight * 4,
-            drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            skip_undecodable=settings.skip_undecodable_batches,
         )
         self._invalid = dead_letters  # events that break the contract go there too
         self._attempts = attempts

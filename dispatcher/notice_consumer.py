@@ -53,11 +53,10 @@ class NoticeConsumer(Consumer):
     ) -> None:
         super().__init__(
             consumer,
+            settings=settings,
             metrics=metrics,
             max_pending=1,
-            drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            skip_undecodable=settings.skip_undecodable_batches,
         )
         self._settings = settings
         self._backoff_cap = backoff_cap

@@ -49,11 +49,10 @@ class Recorder(Consumer):
     ) -> None:
         super().__init__(
             consumer,
+            settings=settings,
             metrics=metrics,
             max_pending=10_000,
-            drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            skip_undecodable=settings.skip_undecodable_batches,
             fetch_max_records=2000,
         )
         self._history = history

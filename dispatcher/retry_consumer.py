@@ -54,11 +54,10 @@ class RetryConsumer(Consumer):
     ) -> None:
         super().__init__(
             consumer,
+            settings=settings,
             metrics=metrics,
             max_pending=settings.max_in_flight * 4,
-            drain_timeout=settings.drain_timeout_seconds,
             dead_letters=dead_letters,
-            skip_undecodable=settings.skip_undecodable_batches,
         )
         self._attempts = attempts
         self._delays = delays

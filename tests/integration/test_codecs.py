@@ -27,6 +27,7 @@ from structlog.testing import capture_logs
 
 from dispatcher.consumer import Consumer
 from dispatcher.metrics import Metrics
+from dispatcher.settings import Settings
 from dispatcher.store import Principal
 from tests.integration.support import KAFKA, WAIT, Receiver, World, get_json, make_event
 from tools.stack import Config, Kafka
@@ -303,7 +304,8 @@ async def two_partitions(new_topic: NewTopic) -> AsyncIterator[tuple[str, Consum
         enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    worker = Consumer(consumer, metrics=Metrics(), max_pending=100, drain_timeout=1.0)
+    settings = Settings.from_env({"DISPATCHER_DRAIN_TIMEOUT_SECONDS": "1"})
+    worker = Consumer(consumer, settings=settings, metrics=Metrics(), max_pending=100)
     consumer.subscribe([topic], listener=worker.listener())
     await consumer.start()
     yield topic, worker
