@@ -463,8 +463,10 @@ def _moment(query: Mapping[str, str], name: str) -> datetime | None:
     if raw is None:
         return None
     try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
+        moment: datetime | None = datetime.fromisoformat(raw)
+        if moment is not None and moment.tzinfo is not None:
+            moment = moment.astimezone(UTC)  # out of range at the year 1 or 9999: refused
+    except (ValueError, OverflowError):
         moment = None
     if moment is None or moment.tzinfo is None:
         raise ApiError(

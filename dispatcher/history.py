@@ -47,7 +47,9 @@ def _entity_ids(entities: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _clip(text: str, limit: int) -> str:
-    """``text`` cut to at most ``limit`` UTF-8 bytes (never inside a character)."""
+    """``text`` cut to at most ``limit`` UTF-8 bytes (never inside a character), without
+    NUL characters (PostgreSQL's text refuses them; an endpoint may answer binary)."""
+    text = text.replace("\x00", "\ufffd")  # see _no_nul
     raw = text.encode("utf-8")
     return text if len(raw) <= limit else raw[:limit].decode("utf-8", "ignore")
 
@@ -94,7 +96,7 @@ class AttemptRecord:
             duration_ms=outcome.duration_ms,
             outcome=outcome.kind,
             status=outcome.status,
-            error=outcome.detail[:MAX_ERROR] if failed else None,
+            error=_clip(outcome.detail[:MAX_ERROR], MAX_ERROR) if failed else None,
             entity_ids=tuple(_entity_ids(notification.entities)),
             trigger=trigger,
             request_body=_clip(body.decode("utf-8", "replace"), MAX_REQUEST_BODY)
@@ -176,8 +178,8 @@ class Cursor:
             moment = datetime.fromisoformat(at)
             if moment.tzinfo is None:
                 raise ValueError("no time zone")
-            return cls(moment, uuid.UUID(ident))
-        except (ValueError, UnicodeDecodeError) as exc:
+            return cls(moment.astimezone(UTC), uuid.UUID(ident))
+        except (ValueError, UnicodeDecodeError, OverflowError) as exc:
             raise ValueError(f"not a cursor of this API: {exc}") from None
 
 
@@ -224,10 +226,17 @@ class History:
         """:meth:`write` for rows made by :func:`row_values` (the recorder's lean path)."""
         if not rows:
             return 0
-        for day in {row[1].date() for row in rows}:
+        days = {row[1].date() for row in rows}
+        for day in days:
             await self.ensure_partition(day)
         columns = list(zip(*rows, strict=True))
-        inserted = await self._pool.fetchval(_WRITE, *columns)
+        try:
+            inserted = await self._pool.fetchval(_WRITE, *columns)
+        except asyncpg.CheckViolationError:  # no partition: another recorder dropped it
+            self._partitions -= days
+            for day in days:
+                await self.ensure_partition(day)
+            inserted = await self._pool.fetchval(_WRITE, *columns)
         return int(inserted or 0)
 
     async def ensure_partition(self, day: date) -> None:
@@ -263,7 +272,7 @@ class History:
             except (IndexError, ValueError):
                 continue  # not one of ours
             if day < oldest:
-                await self._pool.execute(f"DROP TABLE IF EXISTS {name}")
+                await self._pool.execute(f'DROP TABLE IF EXISTS "{name}"')
                 self._partitions.discard(day)
                 dropped.append(name)
         if dropped:
@@ -356,6 +365,7 @@ def row_values(d: Any) -> tuple[Any, ...]:
         for text in (error, request, response):
             if text is not None and not isinstance(text, str):
                 raise TypeError("error and bodies must be strings or null")
+        error, request, response = (_no_nul(t) for t in (error, request, response))
         if d["outcome"] not in OUTCOMES or d["trigger"] not in TRIGGERS:
             raise ValueError(f"unknown outcome {d['outcome']!r} or trigger {d['trigger']!r}")
         return (
@@ -376,6 +386,11 @@ def row_values(d: Any) -> tuple[Any, ...]:
         )
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"malformed attempt record: {exc!r}") from None
+
+
+def _no_nul(text: str | None) -> str | None:
+    """PostgreSQL's text refuses NUL characters."""
+    return None if text is None else text.replace("\x00", "\ufffd")
 
 
 OUTCOMES = frozenset({"delivered", "http", "timeout", "connection", "tls", "blocked"})
@@ -404,6 +419,7 @@ WITH rows AS (
     RETURNING webhook_id, attempted_at, outcome
 ), agg AS (
     SELECT webhook_id,
+           min(attempted_at) AS first_attempt,
            max(attempted_at) AS last_attempt,
            max(attempted_at) FILTER (WHERE outcome = 'delivered') AS last_success,
            max(attempted_at) FILTER (WHERE outcome <> 'delivered') AS last_failure
@@ -414,18 +430,31 @@ WITH rows AS (
                    AND i.attempted_at > coalesce(a.last_success, '-infinity'))::int AS failures
     FROM agg a
 ), health AS (
+    -- In order (every new attempt after the last one known), the failures since the last
+    -- success follow from the batch alone; a batch that reaches back (attempt records
+    -- travel on several partitions) recounts them from the rows, old and new.
     INSERT INTO webhook_health AS h (webhook_id, last_attempt_at, last_success_at,
                                      last_failure_at, consecutive_failures)
     SELECT webhook_id, last_attempt, last_success, last_failure, failures FROM counted
+    ORDER BY webhook_id  -- concurrent writers lock rows in one order: no deadlock
     ON CONFLICT (webhook_id) DO UPDATE SET
         last_attempt_at = GREATEST(h.last_attempt_at, EXCLUDED.last_attempt_at),
         last_success_at = GREATEST(h.last_success_at, EXCLUDED.last_success_at),
         last_failure_at = GREATEST(h.last_failure_at, EXCLUDED.last_failure_at),
         consecutive_failures = CASE
-            WHEN EXCLUDED.last_success_at IS NOT NULL
-                 AND EXCLUDED.last_success_at >= coalesce(h.last_success_at, '-infinity')
-            THEN EXCLUDED.consecutive_failures
-            ELSE h.consecutive_failures + EXCLUDED.consecutive_failures
+            WHEN (SELECT c.first_attempt FROM counted c WHERE c.webhook_id = h.webhook_id)
+                 > coalesce(h.last_attempt_at, '-infinity')
+            THEN CASE WHEN EXCLUDED.last_success_at IS NOT NULL
+                      THEN EXCLUDED.consecutive_failures
+                      ELSE h.consecutive_failures + EXCLUDED.consecutive_failures END
+            ELSE (SELECT count(*) FROM {TABLE} a
+                  WHERE a.webhook_id = h.webhook_id AND a.outcome <> 'delivered'
+                    AND a.attempted_at > coalesce(
+                        GREATEST(h.last_success_at, EXCLUDED.last_success_at), '-infinity'))
+               + (SELECT count(*) FROM ins i
+                  WHERE i.webhook_id = h.webhook_id AND i.outcome <> 'delivered'
+                    AND i.attempted_at > coalesce(
+                        GREATEST(h.last_success_at, EXCLUDED.last_success_at), '-infinity'))
         END
     RETURNING 1
 )

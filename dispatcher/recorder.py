@@ -31,6 +31,18 @@ log = structlog.get_logger(__name__)
 
 MAINTENANCE_SECONDS = 3600.0  # partitions are created and dropped this often
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# SQLSTATE classes that waiting cures: connection, insufficient resources, operator
+# intervention (shutdown, cannot connect now), transaction rollback (deadlock, serialization).
+RETRIABLE_STATES = ("08", "53", "57", "40")
+
+
+def retriable(exc: BaseException) -> bool:
+    """Whether a database error is an outage (try again) rather than a refusal of data."""
+    if isinstance(exc, asyncpg.DataError):  # asyncpg could not encode a value: never will
+        return False
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "").startswith(RETRIABLE_STATES)
+    return isinstance(exc, OSError | TimeoutError | asyncpg.InterfaceError)
 
 
 class Recorder(Consumer):
@@ -51,9 +63,9 @@ class Recorder(Consumer):
             consumer,
             settings=settings,
             metrics=metrics,
-            max_pending=10_000,
+            max_pending=500,  # Kafka records (each up to 256 KiB) taken and not yet written
             dead_letters=dead_letters,
-            fetch_max_records=2000,
+            fetch_max_records=500,
         )
         self._history = history
         self._retention_days = settings.attempt_retention_days
@@ -66,22 +78,43 @@ class Recorder(Consumer):
         for record in records:
             if not self.accepting(tp):
                 break
-            try:
-                rows.extend(_rows(record.value))
-            except ValueError as exc:
-                log.error("attempt_record_malformed", error=str(exc), offset=record.offset)
-                await self.track(tp, record, None)
-                continue
+            rows.extend(self._rows(record))
             taken.append(record)
         if not rows:
             for record in taken:
                 await self.track(tp, record, None)
             return
         write = asyncio.ensure_future(self._write(rows))
-        for record in taken:
-            await self.track(tp, record, write, bounded=False)
+        for record in taken:  # a slot each: while PostgreSQL is down, fetching stops
+            await self.track(tp, record, write)
+
+    def _rows(self, record: Record) -> list[tuple[Any, ...]]:
+        """The rows of one Kafka record; malformed attempts are logged and left out."""
+        try:
+            data = orjson.loads(record.value or b"")
+        except orjson.JSONDecodeError as exc:
+            data = exc
+        if isinstance(data, dict):
+            data = [data]
+        if not isinstance(data, list):
+            self._malformed(record, "expected a JSON array of attempt records")
+            return []
+        rows = []
+        for item in data:
+            try:
+                rows.append(row_values(item))
+            except ValueError as exc:
+                self._malformed(record, str(exc))
+        return rows
+
+    def _malformed(self, record: Record, error: str) -> None:
+        self._metrics.recorder_errors.inc()
+        log.error("attempt_record_malformed", error=error[:300], offset=record.offset)
 
     async def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """Write ``rows``; retried while PostgreSQL is unreachable. Rows it refuses for
+        good (a value it cannot store) are written one by one, and those refused again
+        are logged and left out, so that one bad row never holds the history back."""
         backoff = Backoff(first=0.5, cap=30.0)
         while True:
             try:
@@ -89,12 +122,30 @@ class Recorder(Consumer):
                 break
             except DATABASE_ERRORS as exc:
                 self._metrics.recorder_errors.inc()
+                if not retriable(exc):
+                    await self._write_one_by_one(rows, exc)
+                    break
                 delay = backoff.next()
                 log.warning("history_write_failed", error=repr(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)  # backoff while PostgreSQL is unreachable
         self._metrics.attempts_recorded.inc(len(rows))
         newest = max(row[1] for row in rows).timestamp()
         self._metrics.attempt_record_lag.set(max(0.0, time.time() - newest))
+
+    async def _write_one_by_one(self, rows: list[tuple[Any, ...]], first: BaseException) -> None:
+        log.warning("history_batch_refused", rows=len(rows), error=repr(first))
+        for row in rows:
+            backoff = Backoff(first=0.5, cap=30.0)
+            while True:
+                try:
+                    await self._history.write_rows([row])
+                    break
+                except DATABASE_ERRORS as exc:
+                    self._metrics.recorder_errors.inc()
+                    if not retriable(exc):
+                        log.error("attempt_not_recorded", attempt_id=str(row[0]), error=repr(exc))
+                        break
+                    await asyncio.sleep(backoff.next())  # backoff while PostgreSQL is down
 
     async def maintain(self) -> None:
         """Create and drop partitions at start and then hourly; a long-lived task."""
@@ -111,16 +162,3 @@ class Recorder(Consumer):
                 continue
             backoff.reset()
             await asyncio.sleep(MAINTENANCE_SECONDS)  # a timer: hourly maintenance
-
-
-def _rows(value: bytes | None) -> list[tuple[Any, ...]]:
-    """The rows of one Kafka record of the attempt topic; ValueError if malformed."""
-    try:
-        data = orjson.loads(value or b"")
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list):
-        raise ValueError("expected a JSON array of attempt records")
-    return [row_values(d) for d in data]

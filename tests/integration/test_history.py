@@ -350,6 +350,7 @@ async def test_filters_and_cursor_paging_work_across_pages_while_rows_arrive(
     for bad in (
         {"outcome": "maybe"}, {"since": "yesterday"}, {"until": "2026-01-01T00:00:00"},
         {"notification_uuid": "nope"}, {"limit": "251"}, {"limit": "0"}, {"cursor": "%%%"},
+        {"since": "0001-01-01T00:00:00+01:00"},  # before year 1 in UTC: out of range
     ):  # fmt: skip
         status, error = await api.get(f"/webhooks/{webhook.id}/attempts", **bad)
         assert status == 400, (bad, error)
@@ -523,3 +524,46 @@ async def test_retention_drops_the_old_partition_and_keeps_the_new(pool: asyncpg
     rows = await pool.fetch("SELECT id FROM webhook_attempts WHERE webhook_id = $1", webhook_id)
     assert {r["id"] for r in rows} == {r.id for r in new}
     assert await history.maintain(today=today, retention_days=1) == []  # nothing more to drop
+
+
+async def test_health_counts_failures_since_the_newest_success_whatever_the_write_order(
+    pool: asyncpg.Pool,
+) -> None:
+    """Attempt records travel on several partitions, so batches arrive out of order: a
+    late failure older than the last success leaves the webhook healthy, and a late
+    success older than newer failures leaves it failing with those failures counted."""
+    history = History(pool)
+    webhook_id, t = uuid.uuid4(), time.time() - 100
+    await history.write([record(webhook_id, t + 5, ok=True)])
+    await history.write([record(webhook_id, t + 1, ok=False)])  # late, older than it
+    assert (await history.health(webhook_id)).state == "healthy"
+    assert (await health_row(pool, webhook_id))["consecutive_failures"] == 0
+
+    await history.write([record(webhook_id, t + s, ok=False) for s in (6, 7, 8)])
+    await history.write([record(webhook_id, t + 5.5, ok=True)])  # late, older than them
+    health = await history.health(webhook_id)
+    assert health.state == "failing" and health.consecutive_failures == 3
+    assert health.last_success_at is not None
+    assert health.last_success_at.timestamp() == pytest.approx(t + 5.5, abs=0.01)
+
+
+async def test_a_response_body_with_nul_bytes_is_recorded_not_refused(pool: asyncpg.Pool) -> None:
+    """An endpoint answering binary (NUL bytes) cannot hold the history back: the row is
+    written, the NULs replaced."""
+    history = History(pool)
+    webhook_id = uuid.uuid4()
+    notification = Notification(
+        str(uuid.uuid4()), webhook_id, "CLOSED", "sales", "shop-x", "app", None, ({"id": 1},)
+    )
+    outcome = Outcome(500, "http", "HTTP 500", 3.0, body_head="bin\x00ary")
+    bad = AttemptRecord.of(
+        notification, "shop-x", 0, at=time.time(), body=b'{"a": "\x00"}', outcome=outcome,
+        trigger="scheduled",
+    )  # fmt: skip
+    assert await history.write([bad]) == 1
+    row = await pool.fetchrow(
+        "SELECT response_body, request_body FROM webhook_attempts WHERE webhook_id = $1",
+        webhook_id,
+    )
+    assert row is not None
+    assert row["response_body"] == "bin\ufffdary" and "\x00" not in row["request_body"]
