@@ -217,7 +217,10 @@ class CacheSync:
             return
         number = self._next_barrier = self._next_barrier + 1
         self._sent[number] = waiting
-        await conn.execute("SELECT pg_notify($1, $2)", self._barrier_channel, str(number))
+        # A bounded wait: a silently dead connection is found out and replaced.
+        await conn.execute(
+            "SELECT pg_notify($1, $2)", self._barrier_channel, str(number), timeout=5
+        )
 
     async def resync(self) -> None:
         webhooks = await self._store.all_webhooks()
@@ -226,6 +229,7 @@ class CacheSync:
         # full GC pass (pauses of 60-160 ms measured with 100k webhooks, the cause of
         # p99 latency misses). Frozen, they are skipped; being acyclic, the ones a later
         # re-sync drops are still freed by reference counting.
+        gc.collect()  # cyclic garbage of the moment must not be frozen for ever
         gc.freeze()
         log.info("cache_resynced", webhooks=len(webhooks))
 

@@ -81,6 +81,7 @@ class Consumer:
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._inflight: dict[asyncio.Future[None], list[_Entry]] = {}
         self._owned: set[TopicPartition] = set()  # assigned to us now
+        self._generation = 0  # bumped on every revoke: records fetched before are stale
         self._stop = asyncio.Event()
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
@@ -136,7 +137,13 @@ class Consumer:
             _discard(work)
             return False
         offsets = self._offsets.setdefault(tp, PartitionOffsets())
-        offsets.add(record.offset)
+        try:
+            offsets.add(record.offset)
+        except ValueError:  # fetched before a revoke and re-assignment: re-read from there
+            if bounded and work is not None:
+                self._slots.release()
+            _discard(work)
+            return False
         if work is None:
             offsets.done(record.offset)
             return True
@@ -184,6 +191,8 @@ class Consumer:
                     fetch.cancel()
                     break
                 for tp, records in fetch.result().items():
+                    if tp not in self.consumer.assignment():
+                        continue  # moved to another member while an earlier one was handled
                     self._note_lag(tp, records[-1].offset)
                     await self.process(tp, records)
             committer.cancel()
@@ -200,9 +209,12 @@ class Consumer:
             log.info("consumer_stopped", consumer=self.name)
 
     async def process(self, tp: TopicPartition, records: list[Record]) -> None:
-        """Hand each record of one fetch to :meth:`handle`, in offset order."""
+        """Hand each record of one fetch to :meth:`handle`, in offset order. A revoke
+        meanwhile (even followed by the same partition's re-assignment) ends the batch:
+        its records are read again from the committed offset."""
+        generation = self._generation
         for record in records:
-            if not self.accepting(tp):
+            if not self.accepting(tp) or generation != self._generation:
                 return
             try:
                 await self.handle(tp, record)
@@ -251,6 +263,7 @@ class Consumer:
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._owned -= revoked  # from now on no record of these is taken
+        self._generation += 1
         await self.drain(self._drain_timeout, revoked)
         await self.commit(revoked)
         for tp in revoked:
