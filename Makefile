@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) tools/stack.py
 
-.PHONY: install run test unit lint stack stack-down stack-status bench clean
+.PHONY: install run test unit lint stack stack-down stack-status bench soak clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ lint: install
 
 bench: stack
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+## A bounded soak under a mixed load (bench/soak.py): SOAK_MINUTES (10), SOAK_ARGS=--help.
+SOAK_MINUTES ?= 10
+soak: stack
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES) $(SOAK_ARGS)
 
 clean: stack-down
 	rm -rf .stack $(VENV) .mypy_cache .ruff_cache .pytest_cache

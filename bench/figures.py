@@ -14,6 +14,8 @@ TARGET_RATIO = 0.5  # dispatcher deliveries/s over the bare client's requests/s
 TARGET_P99_MS = 50.0  # at 1,000 events/s
 TARGET_RSS_MB = 300.0  # with 100,000 subscriptions
 TARGET_HISTORY_RATIO = 0.9  # deliveries/s with the attempt log on over the same with it off
+TARGET_MAILS_PER_S = 500.0  # failure mails to the stack's SMTP sink, default connections
+DEFAULT_SMTP_CONNECTIONS = 4  # DISPATCHER_SMTP_CONNECTIONS's default
 
 
 NOISE_CORES = 0.25  # CPU of untracked processes above which a scenario is flagged noisy
@@ -28,8 +30,12 @@ def noise(results: dict[str, Any]) -> dict[str, float]:
         windows["info log level"] = results["throughput_info"]
     for i, run in enumerate(results.get("history", {}).get("runs", []), 1):
         windows[f"history {run['attempt_log']} ({i})"] = run
+    for run in results.get("notices", {}).get("runs", []):
+        windows[f"notices, {run['smtp_connections']} connections"] = run
     if "full_under_load" in results.get("memory", {}):
         windows["memory burst"] = results["memory"]["full_under_load"]
+    if "fairness" in results:
+        windows["fairness"] = results["fairness"]
     others = {name: w.get("cores", {}).get("other", 0.0) for name, w in windows.items()}
     return {name: cores for name, cores in others.items() if cores > NOISE_CORES}
 
@@ -56,7 +62,22 @@ def derive(results: dict[str, Any]) -> None:
     if "history" in results:
         ratio = results["history"]["ratio_on_off"]
         targets["history_ratio"] = _verdict(ratio, TARGET_HISTORY_RATIO, ">=")
+    if "notices" in results:
+        _derive_notices(results["notices"])
+        default = results["notices"].get("default_mails_per_s")
+        targets["mails_per_s"] = _verdict(default, TARGET_MAILS_PER_S, ">=")
     results["targets"] = targets
+
+
+def _derive_notices(n: dict[str, Any]) -> None:
+    """Each run's mails/s as a ratio to the one-connection run's; the default's rate."""
+    runs = n["runs"]
+    one = next((r["mails_per_s"] for r in runs if r["smtp_connections"] == 1), None)
+    for run in runs:
+        rate = run["mails_per_s"]
+        run["ratio_to_one_connection"] = round(rate / one, 2) if one and rate else None
+    default = [r for r in runs if r["smtp_connections"] == DEFAULT_SMTP_CONNECTIONS]
+    n["default_mails_per_s"] = default[0]["mails_per_s"] if default else None
 
 
 def _derive_history(h: dict[str, Any]) -> None:
@@ -130,8 +151,96 @@ def rows(results: dict[str, Any]) -> list[report.Row]:
         out += _throughput_rows("info log level", results["throughput_info"], None)
     if "history" in results:
         out += _history_rows(results["history"], results["targets"])
+    if "notices" in results:
+        out += _notice_rows(results["notices"], results["targets"])
+    if "replay" in results:
+        out += _replay_rows(results["replay"])
     if "memory" in results:
         out += _memory_rows(results["memory"], results["targets"])
+    if "fairness" in results:
+        out += _fairness_rows(results["fairness"])
+    return out
+
+
+FAIRNESS_P99_MS = 1000.0  # the healthy webhooks' p99, production to receipt (issue 18)
+
+
+def _fairness_rows(f: dict[str, Any]) -> list[report.Row]:
+    lat = f.get("latency_ms") or {}
+    p99 = lat.get("p99")
+    met = None if p99 is None else p99 < FAIRNESS_P99_MS
+    d = f.get("deferrals", {})
+    why = ", ".join(f"{k} {_n(v)}" for k, v in sorted(d.items()) if k != "all" and v)
+    return [
+        R("fairness", "webhooks on one endpoint; slow ones (answer after ms)",
+          f"{f['webhooks']}; {f['slow_webhooks']} ({_n(f['slow_answer_ms'])})"),
+        R("fairness", "offered / produced events/s", f"{_n(f['offered_rate'])} / "
+          f"{_n(f['produced_rate'])}"),
+        R("fairness", "healthy deliveries (distinct / expected)",
+          f"{_n(f['distinct_entities'])} / {_n(f['expected_requests'])}"),
+        R("fairness", "healthy p50 / p90 ms (production -> receipt)",
+          f"{_n(lat.get('p50'))} / {_n(lat.get('p90'))}"),
+        R("fairness", "healthy p99 ms", _n(p99), f"< {FAIRNESS_P99_MS:,.0f}", met),
+        R("fairness", "healthy p99.9 / max ms", f"{_n(lat.get('p99.9'))} / {_n(lat.get('max'))}"),
+        R("fairness", "slow webhooks: deliveries received / events produced",
+          f"{_n(f['slow_received'])} / {_n(f['slow_produced'])}"),
+        R("fairness", "attempts deferred (by reason)", f"{_n(d.get('all', 0))} ({why or 'none'})"),
+        R("fairness", "cores: " + _core_names(f["cores"]), _cores(f["cores"])),
+    ]  # fmt: skip
+
+
+REPLAY_TARGET = 50_000  # events scanned per second (issue 13)
+
+
+def _replay_rows(r: dict[str, Any]) -> list[report.Row]:
+    job, bare = r["job"], r["bare"]
+    rate = r["scanned_per_s"]
+    met = None if rate is None else rate >= REPLAY_TARGET
+    return [
+        R(
+            "replay",
+            "events in range (of the webhook's shop)",
+            f"{_n(r['events'])} ({_n(r['ours'])})",
+        ),
+        R(
+            "replay",
+            "job: scanned / matched / delivered",
+            f"{_n(job['scanned'])} / {_n(job['matched'])} / {_n(job['delivered'])}",
+        ),
+        R("replay", "job: events scanned/s (start->end)", _n(rate), f">= {REPLAY_TARGET:,}", met),
+        R("replay", "bare consumer: records/s, same range", _n(bare["records_per_s"])),
+        R("replay", "ratio job / bare consumer", _n(r["ratio_to_bare"])),
+        R("replay", "dispatcher CPU s during the job", _n(job["dispatcher_cpu_s"])),
+    ]
+
+
+def _notice_rows(n: dict[str, Any], targets: dict[str, Any]) -> list[report.Row]:
+    t = targets["mails_per_s"]
+    out: list[report.Row] = []
+    for r in n["runs"]:
+        c = r["smtp_connections"]
+        name = f"notices ({c} conn.)"
+        rate = R(name, "mails/s (first->last stored mail)", _n(r["mails_per_s"]))
+        if c == DEFAULT_SMTP_CONNECTIONS:
+            rate = R(
+                name,
+                "mails/s (first->last stored mail)",
+                _n(r["mails_per_s"]),
+                t["target"],
+                t["met"],
+            )
+        out += [
+            R(
+                name,
+                "mails (distinct notices / expected)",
+                f"{_n(r['mails'])} ({_n(r['distinct_notices'])} / {_n(r['expected'])})",
+            ),
+            rate,
+            R(name, "ratio to 1 connection", _n(r["ratio_to_one_connection"])),
+            R(name, "dispatcher CPU s / 1000 mails", _n(r["dispatcher_cpu_s_per_1000_mails"])),
+            R(name, "cores: " + _core_names(r["cores"]), _cores(r["cores"])),
+            *_gc_rows(name, r),
+        ]
     return out
 
 
@@ -370,6 +479,7 @@ CORE_GROUPS = {  # sampler group -> short name in the table
     "receiver": "receiver",
     "kafka": "kafka",
     "postgres": "postgres",
+    "smtp sink": "smtp",
     "bench driver": "driver",
     "other": "other",
     "steal": "steal",

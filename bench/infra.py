@@ -255,13 +255,15 @@ class Receiver:
     child: Child
     port: int
     session: aiohttp.ClientSession
+    ports: tuple[int, ...] = ()  # every port it listens on (``port`` is the first)
 
     @property
     def base(self) -> str:
         return f"https://127.0.0.1:{self.port}"
 
-    def url(self, path: str) -> str:
-        return f"{self.base}/hook/{path}"
+    def url(self, path: str, *, port: int | None = None) -> str:
+        """The webhook URL of ``path`` on ``port`` (the first port by default)."""
+        return f"https://127.0.0.1:{port or self.port}/hook/{path}"
 
     async def counts(self) -> dict[str, tuple[int, int]]:
         """{phase: (requests, entities)} so far."""
@@ -300,18 +302,22 @@ class Receiver:
 
 
 @contextlib.asynccontextmanager
-async def run_receiver(tls: Tls, log_dir: Path) -> AsyncIterator[Receiver]:
-    """Start ``bench/receiver.py`` and a client session for its stats; stop both after."""
+async def run_receiver(tls: Tls, log_dir: Path, *, ports: int = 1) -> AsyncIterator[Receiver]:
+    """Start ``bench/receiver.py`` (listening on ``ports`` ports) and a client session for
+    its stats; stop both after."""
     argv = [sys.executable, "-m", "bench.receiver", "--cert", tls.server_file]
+    argv += ["--ports", str(ports)]
     child = await spawn("receiver", argv, log_path=log_dir / "receiver.log", stdout_pipe=True)
     try:
-        port = int((await read_json_line(child, within=30))["port"])
+        listening = await read_json_line(child, within=30)
+        port = int(listening["port"])
+        bound = tuple(int(p) for p in listening.get("ports", [port]))
         context = _client_context(tls.ca_file)
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=context),
             timeout=aiohttp.ClientTimeout(total=30),
         ) as session:
-            yield Receiver(child, port, session)
+            yield Receiver(child, port, session, bound)
     finally:
         await child.stop(grace=10)
 

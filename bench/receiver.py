@@ -1,11 +1,14 @@
 """The benchmark's webhook endpoint: an HTTPS aiohttp server answering 200 at once.
 
 Run as its own process (``python -m bench.receiver --cert server.pem``); it prints one
-JSON line ``{"port": N}`` on stdout once it listens, and stops on SIGTERM or SIGINT, or
+JSON line ``{"port": N, "ports": [N, ...]}`` on stdout once it listens (on ``--ports K``
+ports: each a distinct endpoint for the dispatcher), and stops on SIGTERM or SIGINT, or
 when its parent process goes away.
 
 For every POST it records the arrival time (``time.time()``) and, from the body's first
-entity, the ``phase`` and ``produced_at`` the benchmark put there, so that:
+entity, the ``phase`` and ``produced_at`` the benchmark put there, then answers (after
+``<ms>`` milliseconds for a path ``/hook/sleep-<ms>/...``: a slow handler; 500 for a path
+``/hook/fail/...``: a failing one), so that:
 
 - ``GET /count`` answers ``{phase: [requests, entities]}`` (cheap, for polling);
 - ``GET /stats`` answers per phase: requests, entities, distinct ``seq`` values, first
@@ -31,6 +34,8 @@ import orjson
 from aiohttp import web
 
 UNKNOWN = "unknown"
+SLEEP = "sleep-"  # /hook/sleep-<ms>/...: answer after <ms> milliseconds
+FAIL = "fail/"  # /hook/fail/...: answer 500
 PARENT_POLL_SECONDS = 1.0
 
 
@@ -111,6 +116,11 @@ class Recorder:
         if record is None:
             record = self.phases[phase] = Phase()
         record.add(arrival, len(body), entities)
+        tail = request.match_info["tail"]
+        if tail.startswith(SLEEP):  # a slow handler: /hook/sleep-<ms>/..., recorded at once
+            await asyncio.sleep(int(tail[len(SLEEP) :].partition("/")[0]) / 1000)
+        if tail.startswith(FAIL):
+            return web.Response(status=500, text="upstream database unavailable")
         return web.Response(status=200)
 
     async def count(self, _request: web.Request) -> web.Response:
@@ -164,8 +174,9 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
         await asyncio.sleep(PARENT_POLL_SECONDS)  # a liveness poll, not coordination
 
 
-async def serve(host: str, port: int, cert_file: str) -> None:
-    """Serve until SIGTERM/SIGINT or the parent's death."""
+async def serve(host: str, port: int, cert_file: str, *, ports: int = 1) -> None:
+    """Serve (on ``ports`` ports from ``port``, or free ones) until SIGTERM/SIGINT or the
+    parent's death."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,9 +185,13 @@ async def serve(host: str, port: int, cert_file: str) -> None:
     await runner.setup()
     watcher = asyncio.create_task(_watch_parent(os.getppid(), stop))
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls_context(cert_file), backlog=1024)
-        await site.start()
-        print(orjson.dumps({"port": runner.addresses[0][1]}).decode(), flush=True)
+        context = tls_context(cert_file)
+        for n in range(ports):
+            at = port + n if port else 0
+            site = web.TCPSite(runner, host, at, ssl_context=context, backlog=1024)
+            await site.start()
+        bound = [address[1] for address in runner.addresses]
+        print(orjson.dumps({"port": bound[0], "ports": bound}).decode(), flush=True)
         await stop.wait()
     finally:
         watcher.cancel()
@@ -190,8 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--cert", required=True, help="PEM file: private key + cert chain")
+    parser.add_argument("--ports", type=int, default=1, help="listen on this many ports")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.host, args.port, args.cert))
+    asyncio.run(serve(args.host, args.port, args.cert, ports=args.ports))
     return 0
 
 

@@ -15,8 +15,17 @@ group, TLS certificates and processes, all on 127.0.0.1 and all removed at the e
 6. history: the throughput scenario four times, with the attempt log (the delivery
    history) off, on, on, off: deliveries/s on as a ratio to off, and the history's bytes
    on disk per attempt once the recorder caught up (``--only history`` runs it alone).
-7. memory: RSS of an idle, ready dispatcher with the run's subscriptions, then with
+7. notices: N failure notices pre-produced on the notice topic, mailed to the stack's SMTP
+   sink (``tools/smtp_sink.py``) with DISPATCHER_SMTP_CONNECTIONS 1, 4 (the default) and 8:
+   mails/s from the first to the last stored mail (``--only notices`` runs it alone).
+8. replay: a recovery job of mode replay over a range of a topic of its own holding
+   200,000 events of other shops and 1,000 of one webhook's shop (``bench/replay.py``):
+   events scanned/s, against a bare consumer reading the same range (``--only replay``).
+9. memory: RSS of an idle, ready dispatcher with the run's subscriptions, then with
    100,000 of them, idle and after N deliveries spread over N of those shops.
+10. fairness: one endpoint serving 50 webhooks, 3 of them answering after 3 s, at 100
+    events/s with the default per-endpoint limits (``bench/fairness.py``): the latency of
+    the other 47, production to receipt (``--only fairness``).
 
 The receiver (``bench/receiver.py``) is a separate process; so are the dispatcher and the
 ceiling client. Every figure is printed as a table and written to
@@ -36,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import re
 import shutil
 import signal
 import tempfile
@@ -52,11 +62,27 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from bench import figures, gctrace, infra, procstat, profiling, report, workload
+from bench import (
+    fairness,
+    figures,
+    gctrace,
+    infra,
+    mails,
+    procstat,
+    profiling,
+    replay,
+    report,
+    workload,
+)
 from bench.infra import BenchError, Dispatcher, Receiver
 
 DEFAULT_DATABASE_URL = "postgresql://dispatcher@127.0.0.1:55432/dispatcher"
 DEFAULT_KAFKA = "127.0.0.1:9092"
+DEFAULT_SMTP = "127.0.0.1:2525"  # the stack's SMTP sink
+DEFAULT_MAIL_DIR = str(
+    Path(os.environ.get("DISPATCHER_STACK_DIR", "") or infra.ROOT / ".stack") / "mail"
+)
+NOTICE_CONNECTIONS = (1, 4, 8)  # DISPATCHER_SMTP_CONNECTIONS of the notice runs (4: default)
 IMPORT_BATCH_SIZE = 80  # DISPATCHER_IMPORT_BATCH_SIZE's default, set explicitly below
 SETTLE_SECONDS = 2.0  # idle time before reading the RSS of a ready dispatcher
 READY_TIMEOUT = 120.0
@@ -77,10 +103,16 @@ class Options:
     subscriptions: int = 100_000
     info_events: int = 20_000
     history_events: int = 20_000
+    notices: int = 10_000
+    replay_others: int = 200_000
+    replay_ours: int = 1_000
+    fairness_seconds: float = 30.0
     max_in_flight: int = 256
     partitions: int = 4
     kafka: str = DEFAULT_KAFKA
     database_url: str = DEFAULT_DATABASE_URL
+    smtp: str = DEFAULT_SMTP
+    mail_dir: str = DEFAULT_MAIL_DIR
     results_dir: str = "bench-results"
     max_seconds: float = 600.0
     skip_info: bool = False
@@ -88,7 +120,7 @@ class Options:
     gc_trace: bool = False
     keep: bool = False
     show: str = ""
-    only: str = ""  # "history": that scenario alone
+    only: str = ""  # "history" or "notices": that scenario alone
 
 
 @dataclass
@@ -385,6 +417,83 @@ async def history(ctx: Context) -> dict[str, Any]:
     }
 
 
+async def notices(ctx: Context) -> dict[str, Any]:
+    """N notices pre-produced, then a fresh dispatcher mailing them to the SMTP sink, once
+    per DISPATCHER_SMTP_CONNECTIONS of :data:`NOTICE_CONNECTIONS`. The sink's files of
+    this run are read as they appear (arrival = the file's mtime) and deleted at the end."""
+    n = ctx.opts.notices
+    host, _, port = ctx.opts.smtp.rpartition(":")
+    sink = procstat.listener_pid(int(port))
+    if sink is not None:
+        ctx.sampler.track("smtp sink", lambda: [sink])
+    maildir = mails.MailDir(Path(ctx.opts.mail_dir), marker=f"@{ctx.tag}.")
+    domain = f"{ctx.tag}.example.com"
+    runs: list[dict[str, Any]] = []
+    try:
+        for connections in NOTICE_CONNECTIONS:
+            phase = f"notices_{connections}"
+            make = workload.notice(phase, domain, ctx.opts.shops)
+            await workload.produce_bulk(ctx.bulk, ctx.topics.notices, make, n)
+            env = {
+                "DISPATCHER_SMTP_HOST": host,
+                "DISPATCHER_SMTP_PORT": port,
+                "DISPATCHER_SMTP_CONNECTIONS": str(connections),
+            }
+            async with dispatcher(ctx, phase, env=env) as running:
+                result = await mailed(ctx, running, maildir, phase, n)
+            result["smtp_connections"] = connections
+            runs.append(result)
+            ctx.say(f"notices, {connections} connections: {result['mails_per_s']} mails/s")
+    finally:
+        removed = maildir.remove()
+        if sink is not None:
+            ctx.sampler.untrack("smtp sink")
+    return {"notices_per_run": n, "runs": runs, "mail_files_removed": removed}
+
+
+async def mailed(
+    ctx: Context, running: Dispatcher, maildir: mails.MailDir, phase: str, count: int
+) -> dict[str, Any]:
+    """Wait until the dispatcher has mailed ``count`` notices (its /metrics, so that the
+    driver reads no mail meanwhile), then read the sink's new files: rates and CPU
+    between the first and the last stored mail of ``phase``."""
+    url = f"http://127.0.0.1:{running.http_port}/metrics"
+    deadline = time.monotonic() + wait_budget(count, per_second=50.0)
+    while time.monotonic() < deadline:
+        async with ctx.session.get(url) as response:
+            text = await response.text()
+        done = sum(
+            float(m)
+            for m in re.findall(r"^webhook_notices_(?:sent|rejected)_total (\S+)$", text, re.M)
+        )
+        if done >= count:
+            break
+        if not running.child.alive():
+            raise BenchError(f"the dispatcher exited during {phase}\n{running.child.tail()}")
+        await asyncio.sleep(0.5)  # polling interval
+    to = f"bench-{phase}@"
+    got = [m for m in maildir.scan() if m.to.startswith(to)]
+    if len(got) < 2:
+        raise BenchError(f"{len(got)} mails of {phase} arrived\n{running.child.tail()}")
+    first, last = min(m.arrived for m in got), max(m.arrived for m in got)
+    window = ctx.sampler.window(first, last)
+    cpu = window.cpu.get("dispatcher")
+    ids = [i for m in got for i in m.notice_ids]
+    return {
+        "dispatcher_run": running.label,
+        "first_arrival": first,
+        "last_arrival": last,
+        "expected": count,
+        "mails": len(got),
+        "distinct_notices": len(set(ids)),
+        "span_s": round(last - first, 3),
+        "mails_per_s": round(len(got) / (last - first), 1) if last > first else None,
+        "dispatcher_cpu_s": cpu,
+        "dispatcher_cpu_s_per_1000_mails": per_thousand(cpu, len(got)),
+        "cores": window.cores(),
+    }
+
+
 HISTORY_SIZE = """
 SELECT count(*) AS partitions, coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint AS bytes
 FROM pg_inherits i WHERE i.inhparent = 'webhook_attempts'::regclass
@@ -594,6 +703,15 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
     if ctx.opts.only == "history":
         results["history"] = await history(ctx)
         return
+    if ctx.opts.only == "notices":
+        results["notices"] = await notices(ctx)
+        return
+    if ctx.opts.only == "fairness":
+        results["fairness"] = await fairness.fairness(ctx, dispatcher, deliveries)
+        return
+    if ctx.opts.only == "replay":
+        results["replay"] = await replay.replay(ctx)
+        return
     runs = results["ceiling"] = {"runs": {}}
     runs["runs"]["start"] = await ceiling(ctx, "start")
     results["throughput"], results["latency"] = await throughput_and_latency(ctx)
@@ -603,7 +721,10 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
         results["throughput_info"] = await info_level(ctx)
     runs["runs"]["end"] = await ceiling(ctx, "end")
     results["history"] = await history(ctx)
+    results["notices"] = await notices(ctx)
+    results["replay"] = await replay.replay(ctx)
     results["memory"] = await memory(ctx)
+    results["fairness"] = await fairness.fairness(ctx, dispatcher, deliveries)
     if ctx.gc_traces:
         attach_gc(ctx.gc_traces, results)
     if ctx.opts.profile:
@@ -614,6 +735,7 @@ def attach_gc(traces: dict[str, dict[str, Any]], results: dict[str, Any]) -> Non
     """Add GC pauses and loop lags, between first and last receipt, to each scenario."""
     scenarios = [results.get(n) for n in ("throughput", "latency", "import", "throughput_info")]
     scenarios += results.get("history", {}).get("runs", [])
+    scenarios += results.get("notices", {}).get("runs", [])
     scenarios.append(results.get("memory", {}).get("full_under_load"))
     for scenario in scenarios:
         trace = traces.get(scenario.get("dispatcher_run", "")) if scenario else None
@@ -655,6 +777,16 @@ def parse(argv: Sequence[str] | None) -> Options:
     p.add_argument("--partitions", type=int, default=4, help="partitions of the events topic")
     p.add_argument("--kafka", default=DEFAULT_KAFKA, help="Kafka bootstrap host:port")
     p.add_argument("--database-url", default=DEFAULT_DATABASE_URL, help="admin URL of PostgreSQL")
+    p.add_argument("--smtp", default=DEFAULT_SMTP, help="host:port of the SMTP sink")
+    p.add_argument(
+        "--mail-dir", default=DEFAULT_MAIL_DIR, help="where that sink stores mails (.eml files)"
+    )
+    p.add_argument("--notices", type=int, help="notices of each notice run (10000; quick 2000)")
+    p.add_argument(
+        "--replay-others",
+        type=int,
+        help="other shops' events of the replay range (200000; quick 20000)",
+    )
     p.add_argument("--results-dir", default="bench-results", help="where the JSON goes")
     p.add_argument("--max-seconds", type=float, default=600.0, help="hard limit of the whole run")
     p.add_argument("--skip-info", action="store_true", help="skip the info-log-level run")
@@ -663,9 +795,14 @@ def parse(argv: Sequence[str] | None) -> Options:
     )
     p.add_argument(
         "--only",
-        choices=("history",),
+        choices=("history", "notices", "replay", "fairness"),
         default="",
-        help="run one scenario alone (history: attempt log off/on/on/off, storage per attempt)",
+        help="run one scenario alone (history: attempt log off/on/on/off, storage per "
+        "attempt; notices: mails/s to the SMTP sink; replay: a replay job's scan rate; "
+        "fairness: 3 slow webhooks among 50 on one endpoint)",
+    )
+    p.add_argument(
+        "--fairness-seconds", type=float, help="length of the fairness run (30; quick 10)"
     )
     p.add_argument(
         "--profile",
@@ -693,10 +830,15 @@ def parse(argv: Sequence[str] | None) -> Options:
         subscriptions=a.subscriptions,
         info_events=events,
         history_events=a.history_events or (3_000 if a.quick else 20_000),
+        notices=a.notices or (2_000 if a.quick else 10_000),
+        replay_others=a.replay_others or (20_000 if a.quick else 200_000),
+        fairness_seconds=a.fairness_seconds or (10.0 if a.quick else 30.0),
         max_in_flight=a.max_in_flight,
         partitions=a.partitions,
         kafka=a.kafka,
         database_url=a.database_url,
+        smtp=a.smtp,
+        mail_dir=a.mail_dir,
         results_dir=a.results_dir,
         max_seconds=a.max_seconds,
         skip_info=a.skip_info,

@@ -13,7 +13,7 @@ import base64
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 
 from dispatcher import events
+from dispatcher.notices import Notice
 from dispatcher.notification import Notification
 
 SHOP_PREFIX = "bench-shop-"
@@ -141,14 +142,30 @@ def sale(phase: str, shops: int) -> MakeMessage:
     return make
 
 
-def import_item(import_id: str, total: int) -> MakeMessage:
+def sales_of(shops: Sequence[str], phase_of: Callable[[str], str]) -> MakeMessage:
+    """Closed sales spread round-robin over ``shops``, each in the phase ``phase_of`` gives
+    its shop (so the receiver counts some shops apart)."""
+    phases = [phase_of(s) for s in shops]
+    makers = {phase: sale(phase, 1) for phase in set(phases)}
+
+    def make(seq: int, now: float) -> Message:
+        i = seq % len(shops)
+        _, value = makers[phases[i]](seq, now)
+        event = orjson.loads(value)
+        event["environment_id"] = shops[i]
+        return shops[i].encode(), orjson.dumps(event)
+
+    return make
+
+
+def import_item(import_id: str, total: int, *, phase: str = "import") -> MakeMessage:
     """Items of one import of ``total`` entities for :data:`IMPORT_SHOP`."""
 
     def make(seq: int, now: float) -> Message:
         entity = {
             "id": seq,
             "uuid": str(uuid.uuid4()),
-            "phase": "import",
+            "phase": phase,
             "seq": seq,
             "produced_at": now,
             "name": f"Item {seq}",
@@ -161,6 +178,37 @@ def import_item(import_id: str, total: int) -> MakeMessage:
         event["import_id"] = import_id
         event["import_end"] = seq == total - 1
         return IMPORT_SHOP.encode(), orjson.dumps(event)
+
+    return make
+
+
+def notice(phase: str, domain: str, shops: int) -> MakeMessage:
+    """Failure notices as the delivery path produces them (a failed first attempt of a
+    closed sale, its ~640-byte request body quoted), to ``bench-<phase>@<domain>``."""
+    body = sample_body(sale(phase, shops), phase).decode()
+
+    def make(seq: int, now: float) -> Message:
+        notification = str(uuid.uuid4())
+        webhook = str(uuid.uuid4())
+        record = Notice(
+            notice_id=Notice.make_id(notification, 0),
+            to=f"bench-{phase}@{domain}",
+            webhook_id=webhook,
+            url=f"https://hooks.example.com/hook/{shop(seq % shops)}",
+            entity_name="sales",
+            event_type="CLOSED",
+            notification_uuid=notification,
+            n_retry=0,
+            max_retries=3,
+            final=False,
+            failed_at=iso_millis(now),
+            error="HTTP 500 Internal Server Error",
+            status=500,
+            response_head="upstream database unavailable",
+            next_attempt_at=iso_millis(now + 900),
+            request_body=body,
+        )
+        return webhook.encode(), record.encode()
 
     return make
 

@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
+from typing import Any
 
 import asyncpg
 import orjson
@@ -58,7 +59,8 @@ from dispatcher.history import (
     attempt_json,
 )
 from dispatcher.netguard import BlockedAddress, check_host, is_blocked
-from dispatcher.notification import Notification
+from dispatcher.notification import Notification, iso_millis
+from dispatcher.recovery import Jobs
 from dispatcher.settings import Settings
 from dispatcher.store import DuplicateWebhook, Principal, Store, Webhook, new_secret
 
@@ -145,10 +147,14 @@ def create_app(
     catalog: Catalog,
     http: HttpClient,
     settings: Settings,
+    jobs: Jobs,
     history: History | None = None,
 ) -> web.Application:
     """The API as an aiohttp application; the caller may add routes (health, metrics).
-    ``history`` is the delivery history (None when ``DISPATCHER_ATTEMPT_LOG`` is off)."""
+    ``jobs`` holds the recovery jobs; ``history`` is the delivery history (None when
+    ``DISPATCHER_ATTEMPT_LOG`` is off)."""
+    from dispatcher import recovery_api  # its handlers use this module's helpers
+
     app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
     handlers = _Handlers(store, catalog, http, settings, openapi_document(catalog), history)
     router = app.router
@@ -162,6 +168,7 @@ def create_app(
     router.add_get("/webhooks/{id}/attempts", handlers.list_attempts, allow_head=False)
     router.add_get("/webhooks/{id}/attempts/{attempt_id}", handlers.get_attempt, allow_head=False)
     router.add_post("/webhooks/{id}/secret/rotate", handlers.rotate_secret)
+    recovery_api.add_routes(app, store=store, history=history, jobs=jobs, settings=settings)
     router.add_get("/openapi.json", handlers.openapi, allow_head=False)
     published = _EventTypes(catalog)
     router.add_get("/event-types", published.list_event_types, allow_head=False)
@@ -285,8 +292,7 @@ class _Handlers:
     async def get_webhook(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
         webhook = await self._own_webhook(request, principal)
-        health = UNKNOWN_HEALTH if self._history is None else await self._history.health(webhook.id)
-        return _json({**webhook.public(), "health": health.to_json()})
+        return _json(await webhook_json(webhook, self._history))
 
     async def list_attempts(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
@@ -793,3 +799,32 @@ def _from_http_exception(exc: web.HTTPException) -> ApiError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return _too_large()
     return ApiError(exc.status, exc.reason)
+
+
+# --- shared with the recovery routes (dispatcher.recovery_api) -------------------------
+
+authenticate = _authenticate
+read_json = _read_json
+moment = _moment
+not_found = _not_found
+json_response = _json
+
+
+async def own_webhook(request: web.Request, principal: Principal, store: Store) -> Webhook:
+    """The webhook of the path if it is the principal's shop's, else 404."""
+    webhook = await store.get_webhook(principal.environment_id, _webhook_id(request))
+    if webhook is None:
+        raise _not_found(request)
+    return webhook
+
+
+async def webhook_json(webhook: Webhook, history: History | None) -> dict[str, Any]:
+    """A webhook as ``GET /webhooks/{id}`` shows it: with its ``health``, whose ``state``
+    is ``disabled`` while it is."""
+    health = UNKNOWN_HEALTH if history is None else await history.health(webhook.id)
+    shown: dict[str, Any] = health.to_json()
+    if webhook.disabled_at is not None:
+        shown["state"] = "disabled"
+    shown["disabled_at"] = None if webhook.disabled_at is None else iso_millis(webhook.disabled_at)
+    shown["disabled_reason"] = webhook.disabled_reason
+    return {**webhook.public(), "health": shown}

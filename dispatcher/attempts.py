@@ -1,9 +1,13 @@
 """Delivery attempts: bounded, signed, logged, and what follows a failed one.
 
 Two bounds apply to every attempt: a global one (``DISPATCHER_MAX_IN_FLIGHT``) and one per
-endpoint (``DISPATCHER_MAX_IN_FLIGHT_PER_ENDPOINT``, keyed by scheme, host and port), so a
-slow or hanging endpoint holds at most its own slots while other shops' events flow.
-Each attempt writes one canonical log line.
+endpoint (scheme, host and port), so a slow or hanging endpoint holds at most its own
+slots while other shops' events flow. Within an endpoint, its
+:class:`~dispatcher.endpoint_gate.EndpointGate` shares the slots between the webhooks
+there (a share each, round robin, a limit that adapts to the endpoint's answers), so one
+shop's slow handler does not hold up the other shops the same integrator serves; a
+``Retry-After`` of a 429 or 503 holds back that webhook alone. Each attempt writes one
+canonical log line.
 
 :class:`Attempts` orchestrates: the HTTP client (:mod:`dispatcher.client`) sends and
 returns an :class:`~dispatcher.client.Outcome`; for a failed one the retry policy
@@ -31,6 +35,14 @@ from aiokafka.errors import KafkaError
 from dispatcher import durable, signing
 from dispatcher.client import HttpClient, Outcome, parse_url
 from dispatcher.delays import DelayQueue
+from dispatcher.endpoint_gate import (
+    DEFERRED,
+    RETRY_AFTER,
+    WAITING,
+    EndpointGate,
+    Limits,
+    Ticket,
+)
 from dispatcher.history import AttemptLog, AttemptRecord, Trigger
 from dispatcher.metrics import Metrics
 from dispatcher.notices import Failure, Notice
@@ -41,37 +53,29 @@ from dispatcher.store import Webhook
 log = structlog.get_logger("dispatcher.delivery")
 
 Clock = Callable[[], float]  # Unix seconds, like time.time
-QUEUE_FACTOR = 8  # per endpoint: attempts under way or waiting, in in-flight bounds
-SLOW_SECONDS = 1.0  # an endpoint whose attempts take longer may have attempts deferred
 HANDED_OFF = "shutting down: handed to the delay topic"
+HAND_OFF = "hand_off"  # the deferral reason label of HANDED_OFF
+OVERLOAD = frozenset({429, 503})  # answers that shrink the endpoint's limit (and Retry-After)
+MAX_IDLE_GATES = 10_000  # gates kept while idle, for the limit they learnt; then swept
+MAX_HOLDS = 10_000  # webhooks held back by a Retry-After; past it, the expired are swept
 
 
 @dataclass(frozen=True, slots=True)
 class Deferred:
-    """The attempt was not made: it is queued on the shortest delay tier, unmailed."""
+    """The attempt was not made: it is queued on a delay tier (the shortest, or the one of
+    its endpoint's Retry-After), unmailed."""
 
     reason: str
 
 
-class _EndpointGate:
-    """One endpoint's bound, and how slow it has been lately."""
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """No attempt: the webhook is disabled. Counted, not sent, not retried."""
 
-    __slots__ = ("semaphore", "starts", "typical", "users")
+    reason: str
 
-    def __init__(self, limit: int) -> None:
-        self.semaphore = asyncio.Semaphore(limit)
-        self.users = 0  # attempts under way or waiting
-        self.starts: list[float] = []  # monotonic start of each attempt under way
-        self.typical = 0.0  # moving average of attempt durations, seconds
 
-    def slow(self, now: float) -> bool:
-        """Attempts take (or have been taking) longer than SLOW_SECONDS."""
-        oldest = min(self.starts, default=now)
-        return max(self.typical, now - oldest) > SLOW_SECONDS
-
-    def finished(self, started: float, now: float) -> None:
-        self.starts.remove(started)
-        self.typical += 0.2 * ((now - started) - self.typical)
+DISABLED = Skipped("webhook disabled")
 
 
 class Attempts:
@@ -90,7 +94,11 @@ class Attempts:
         clock: Clock,
         metrics: Metrics,
         attempt_log: AttemptLog | None = None,
+        min_in_flight_per_endpoint: int = 2,
+        webhook_share: float = 0.25,
     ) -> None:
+        """The per-endpoint limit adapts between ``min_in_flight_per_endpoint`` and
+        ``max_in_flight_per_endpoint``; one webhook holds at most ``webhook_share`` of it."""
         self._http = http
         self._log = attempt_log
         self._policy = policy
@@ -99,8 +107,10 @@ class Attempts:
         self._notice_topic = notice_topic
         self._metrics = metrics
         self._global = asyncio.Semaphore(max_in_flight)
-        self._per_endpoint = max_in_flight_per_endpoint
-        self._gates: dict[str, _EndpointGate] = {}
+        lowest = max(1, min(min_in_flight_per_endpoint, max_in_flight_per_endpoint))
+        self._limits = Limits(lowest, max_in_flight_per_endpoint, webhook_share)
+        self._gates: dict[str, EndpointGate] = {}
+        self._holds: dict[Any, float] = {}  # webhook id -> until (clock) its endpoint asked
         self._clock = clock
         self._keys: dict[str, bytes] = {}
         self._attempts: set[asyncio.Task[Any]] = set()  # tasks with an attempt waiting or under way
@@ -112,40 +122,56 @@ class Attempts:
         notification: Notification,
         n_retry: int,
         trigger: Trigger = "scheduled",
-    ) -> Outcome | Deferred:
-        """One attempt; its attempt record (when the history is on) and what follows a
-        failure are durable before this returns.
+        *,
+        follow_up: bool = True,
+    ) -> Outcome | Deferred | Skipped:
+        """One attempt; what follows a failure is durable before this returns, its
+        attempt record (when the history is on) is queued (durable before the caller's
+        offset commits: see :meth:`durable`).
 
-        A slow endpoint (attempts taking over ``SLOW_SECONDS``) that already has
-        ``QUEUE_FACTOR`` times its in-flight bound under way or waiting gets no more: the
-        attempt is deferred to the delay topic, so the consumer keeps its slots for other
-        endpoints. A fast endpoint with a burst queued is not deferred. After
-        :meth:`hand_off`, attempts waiting or under way are deferred too.
+        Without ``follow_up`` (a resend or a recovery job's attempt) a failure has no
+        retry and no mail, the attempt waits for a slot rather than being deferred, and a
+        shutdown's hand-off leaves it to its job (it is :class:`Deferred`, not queued).
+        A disabled webhook gets no attempt but those.
+
+        The attempt waits for its turn at its endpoint's gate
+        (:mod:`dispatcher.endpoint_gate`). A webhook whose attempts are slow and that has a
+        backlog there (or whose endpoint is crowded) has the attempt deferred to the delay
+        topic, so the consumer keeps its slots for other webhooks; so has a webhook whose
+        endpoint asked it to wait (``Retry-After`` on a 429 or 503) until then. A fast
+        webhook with a burst queued is not deferred. After :meth:`hand_off`, attempts
+        waiting or under way are deferred too.
         """
-        if self._handing_off:
+        if not follow_up:
+            if self._handing_off:
+                return Deferred(HANDED_OFF)
+        elif webhook.disabled_at is not None:
+            self._metrics.disabled_skipped.inc()
+            return DISABLED
+        elif self._handing_off:
             return await self._defer(webhook, notification, n_retry, HANDED_OFF)
+        if follow_up and self._holds:
+            until = self._held_until(webhook)
+            if until is not None:
+                wait = f"the endpoint asked this webhook to wait until {_iso(until)} (Retry-After)"
+                return await self._defer(
+                    webhook, notification, n_retry, wait, cause=RETRY_AFTER, until=until
+                )
         endpoint = _endpoint(webhook.url)
         gate = self._gates.get(endpoint)
         if gate is None:
-            gate = self._gates[endpoint] = _EndpointGate(self._per_endpoint)
-        if gate.users >= self._per_endpoint * QUEUE_FACTOR and gate.slow(time.monotonic()):
-            waiting = f"{gate.users} deliveries already under way or waiting"
-            return await self._defer(webhook, notification, n_retry, waiting)
-        task = asyncio.current_task()
+            gate = self._new_gate(endpoint)
+        # Keyed by the id's int: a UUID's own hash is a Python call, four times an attempt.
+        ticket = gate.enter(webhook.id.int, time.monotonic(), deferrable=follow_up)
+        if ticket.state == DEFERRED:
+            return await self._defer(
+                webhook, notification, n_retry, ticket.reason, cause=ticket.cause
+            )
+        task = asyncio.current_task() if follow_up else None  # hand_off cancels these
         if task is not None:
             self._attempts.add(task)
-        gate.users += 1
         try:
-            async with gate.semaphore, self._global:
-                self._metrics.in_flight.inc()
-                started = time.monotonic()
-                gate.starts.append(started)
-                at = self._clock()
-                try:
-                    body, outcome = await self._attempt(webhook, notification, n_retry, at)
-                finally:
-                    self._metrics.in_flight.dec()
-                    gate.finished(started, time.monotonic())
+            made = await self._in_turn(gate, ticket, webhook, notification, n_retry)
         except asyncio.CancelledError:
             if not self._handing_off or task is None:
                 raise
@@ -154,9 +180,14 @@ class Attempts:
         finally:
             if task is not None:
                 self._attempts.discard(task)
-            gate.users -= 1
-            if gate.users == 0:
+            if gate.users == 0 and not gate.adapted and self._gates.get(endpoint) is gate:
                 del self._gates[endpoint]
+        if made is None:  # turned away while it waited: its endpoint asked it to wait
+            until = self._holds.get(webhook.id)
+            return await self._defer(
+                webhook, notification, n_retry, ticket.reason, cause=ticket.cause, until=until
+            )
+        at, body, outcome = made
         _log_attempt(webhook, notification, n_retry, outcome)
         self._metrics.observe(outcome.label, outcome.duration_ms)
         if self._log is not None:
@@ -164,11 +195,17 @@ class Attempts:
                 notification, webhook.environment_id, n_retry,
                 at=at, body=body, outcome=outcome, trigger=trigger,
             )  # fmt: skip
-            await self._log.record(record)
-        if not outcome.ok:
+            self._log.add(record)
+        if not outcome.ok and follow_up:
             failure = Failure(n_retry, self._clock(), body, outcome)
             await self._failed(webhook, notification, failure)
         return outcome
+
+    async def durable(self) -> None:
+        """Return once the attempt records of every attempt made so far are acked: a
+        consumer awaits it before it commits (see :class:`~dispatcher.history.AttemptLog`)."""
+        if self._log is not None:
+            await self._log.flushed()
 
     def hand_off(self) -> None:
         """Shutting down and out of drain time: every attempt waiting for a slot or under
@@ -220,13 +257,94 @@ class Attempts:
                 n_retry=failure.n_retry,
             )
 
+    async def _in_turn(
+        self,
+        gate: EndpointGate,
+        ticket: Ticket,
+        webhook: Webhook,
+        notification: Notification,
+        n_retry: int,
+    ) -> tuple[float, bytes, Outcome] | None:
+        """Wait for the ticket's turn at the gate, then attempt: (when, body, outcome), or
+        None when the webhook was turned away meanwhile (a Retry-After of its endpoint)."""
+        took: float | None = None  # how long the endpoint took to answer (or time out)
+        overloaded = False
+        label = ""
+        try:
+            if ticket.state == WAITING:
+                ticket.waker = asyncio.get_running_loop().create_future()
+                await ticket.waker  # set by _wake
+                if ticket.state == DEFERRED:
+                    return None
+            async with self._global:
+                self._metrics.in_flight.inc()
+                at = self._clock()
+                try:
+                    body, outcome = await self._attempt(webhook, notification, n_retry, at)
+                finally:
+                    self._metrics.in_flight.dec()
+            status = outcome.status
+            if status is not None or outcome.error_kind == "timeout":
+                took, label = outcome.duration_ms / 1000, outcome.label
+                overloaded = status is None or status in OVERLOAD
+                if overloaded and outcome.retry_after:
+                    self._hold(gate, webhook, at + outcome.retry_after)
+            return at, body, outcome
+        finally:
+            limit = gate.limit
+            gate.leave(ticket, time.monotonic(), took=took, overloaded=overloaded)
+            if gate.limit < limit:  # at most once a second per endpoint
+                log.info(
+                    "endpoint_limit_lowered",
+                    endpoint=_endpoint(webhook.url),
+                    limit=int(gate.limit),
+                    webhook_id=str(webhook.id),
+                    cause=label,
+                )
+
+    def _new_gate(self, endpoint: str) -> EndpointGate:
+        if len(self._gates) >= MAX_IDLE_GATES:  # forget what idle endpoints taught us
+            for key in [k for k, g in self._gates.items() if g.users == 0]:
+                del self._gates[key]
+        gate = self._gates[endpoint] = EndpointGate(self._limits, _wake)
+        return gate
+
+    def _hold(self, gate: EndpointGate, webhook: Webhook, until: float) -> None:
+        """The endpoint asked this webhook to wait until ``until``: its attempts waiting at
+        the gate, and those that arrive before then, are deferred until then."""
+        if len(self._holds) >= MAX_HOLDS:
+            now = self._clock()
+            for key in [k for k, u in self._holds.items() if u <= now]:
+                del self._holds[key]
+        self._holds[webhook.id] = max(until, self._holds.get(webhook.id, until))
+        wait = f"the endpoint asked this webhook to wait until {_iso(until)} (Retry-After)"
+        gate.turn_away(webhook.id.int, RETRY_AFTER, wait)
+
+    def _held_until(self, webhook: Webhook) -> float | None:
+        """Until when the webhook's endpoint asked it to wait, if it still must."""
+        until = self._holds.get(webhook.id)
+        if until is not None and until <= self._clock():
+            del self._holds[webhook.id]
+            return None
+        return until
+
     async def _defer(
-        self, webhook: Webhook, notification: Notification, n_retry: int, reason: str
+        self,
+        webhook: Webhook,
+        notification: Notification,
+        n_retry: int,
+        reason: str,
+        *,
+        cause: str = HAND_OFF,
+        until: float | None = None,
     ) -> Deferred:
+        """Queue the attempt on the delay topic, unmade and unmailed: due on the shortest
+        tier, or at ``until`` (a Retry-After) when that is later. ``cause`` is the
+        bounded label of ``reason`` (``webhook_deferrals_total``)."""
         _log_deferred(webhook, notification, n_retry, reason)
-        self._metrics.deferred()
+        self._metrics.deferred(cause)
         now = self._clock()
-        retry = self._policy.deferral(n_retry, now=now)
+        retry = self._policy.deferral(n_retry, now=now, until=until)
         await self._delays.put(
             notification, retry, last_failure=f"deferred: {reason}", now=now, kind="deferral"
         )
@@ -247,6 +365,17 @@ class Attempts:
             keys.append(key)
         headers = signing.headers(keys, notification.notification_uuid, int(now), body)
         return body, await self._http.post(webhook.url, body, headers)
+
+
+def _wake(ticket: Ticket) -> None:
+    """The gate's callback: a waiting ticket may start (or was turned away)."""
+    waker = ticket.waker
+    if waker is not None and not waker.done():
+        waker.set_result(None)
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
 @functools.lru_cache(maxsize=65_536)

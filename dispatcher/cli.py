@@ -24,6 +24,15 @@ from dispatcher.errors import (
     KafkaUnavailable,
 )
 from dispatcher.history import AttemptQuery, History, attempt_json
+from dispatcher.recovery import (
+    MODES,
+    ActiveJob,
+    BadRange,
+    Job,
+    Jobs,
+    check_log_holds,
+    check_range,
+)
 from dispatcher.settings import Settings, documentation
 from dispatcher.store import Store
 
@@ -113,7 +122,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--environment-id", help="only this shop's tokens")
     _attempts_parser(sub)
+    _recovery_parsers(sub)
     return parser
+
+
+def _recovery_parsers(sub: Any) -> None:
+    recover = sub.add_parser(
+        "recover",
+        help="queue a recovery job for a webhook (what POST /webhooks/{id}/recover does)",
+        description="Queue a job that sends a webhook again what it missed in a time range: "
+        "mode failed resends the notifications whose last attempt failed (from the delivery "
+        "history), mode replay every matching event of the event topics. A running daemon "
+        "runs it; 'dispatcher recoveries' shows how far it got.",
+    )
+    recover.add_argument("--webhook", type=uuid.UUID, required=True, metavar="ID")
+    recover.add_argument("--since", type=_moment, required=True, metavar="ISO")
+    recover.add_argument("--until", type=_moment, metavar="ISO", help="default: now")
+    recover.add_argument("--mode", choices=MODES, default="failed", help="default: failed")
+    recover.add_argument("--json", action="store_true", help="print the job as JSON")
+    recoveries = sub.add_parser(
+        "recoveries",
+        help="list a webhook's recovery jobs",
+        description="List a webhook's recovery jobs, newest first: state, counts and times.",
+    )
+    recoveries.add_argument("--webhook", type=uuid.UUID, required=True, metavar="ID")
+    recoveries.add_argument("--json", action="store_true", help="print a JSON array")
 
 
 ATTEMPTS_MAX_LIMIT = 10_000
@@ -207,6 +240,10 @@ def _command(args: argparse.Namespace) -> int:
         return _catalog(settings, args)
     if args.command == "attempts":
         return asyncio.run(_attempts(settings, args))
+    if args.command == "recover":
+        return asyncio.run(_recover(settings, args))
+    if args.command == "recoveries":
+        return asyncio.run(_recoveries(settings, args))
     raise AssertionError(f"unhandled command {args.command}")
 
 
@@ -335,6 +372,65 @@ def _table(rows: list[list[str]], columns: Sequence[str] = ATTEMPT_COLUMNS) -> s
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
     )
+
+
+JOB_COLUMNS = (
+    "id", "mode", "since", "until", "state", "scanned", "matched", "sent", "delivered",
+    "failed", "created_at", "finished_at",
+)  # fmt: skip
+
+
+async def _recover(settings: Settings, args: argparse.Namespace) -> int:
+    pool = await db.create_pool(settings.database_url, max_size=1)
+    try:
+        webhook = await Store(pool).webhook_by_id(args.webhook)
+        if webhook is None:
+            _fail(f"no webhook with id {args.webhook}")
+            return 1
+        try:
+            since, until = check_range(
+                args.since, args.until, now=datetime.now(UTC),
+                max_days=settings.recovery_max_days, field="--since",
+            )  # fmt: skip
+            if args.mode == "replay":
+                await check_log_holds(settings, since, field="--since")
+        except BadRange as exc:
+            _fail(exc.message)
+            return 2
+        if webhook.disabled:
+            _fail(f"webhook {webhook.id} is disabled: it must be enabled first")
+            return 1
+        try:
+            job = await Jobs(pool).create(webhook, args.mode, since, until)
+        except ActiveJob as exc:
+            _fail(f"{exc}; cancel it (DELETE /webhooks/{{id}}/recoveries/{{job_id}}) or wait")
+            return 1
+    finally:
+        await pool.close()
+    _print_jobs([job], as_json=args.json, one=True)
+    return 0
+
+
+async def _recoveries(settings: Settings, args: argparse.Namespace) -> int:
+    pool = await db.create_pool(settings.database_url, max_size=1)
+    try:
+        jobs = await Jobs(pool).of_webhook(args.webhook)
+    finally:
+        await pool.close()
+    _print_jobs(jobs, as_json=args.json)
+    return 0
+
+
+def _print_jobs(jobs: list[Job], *, as_json: bool, one: bool = False) -> None:
+    shown = [j.to_json() for j in jobs]
+    if as_json:
+        data: Any = shown[0] if one else shown
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_APPEND_NEWLINE))
+        sys.stdout.flush()
+    elif shown:
+        print(_table([[_cell(c, j[c]) for c in JOB_COLUMNS] for j in shown], JOB_COLUMNS))
+    else:
+        print("no recovery jobs")
 
 
 CATALOG_COLUMNS = ("entity", "event", "import", "description")

@@ -29,6 +29,8 @@ from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 
 from dispatcher.backoff import Backoff
 from dispatcher.deadletter import DeadLetters, where
+from dispatcher.kafka import CommitHealth
+from dispatcher.lag import CommittedLag
 from dispatcher.metrics import Metrics
 from dispatcher.offsets import PartitionOffsets
 from dispatcher.settings import Settings
@@ -85,8 +87,11 @@ class Consumer:
         self._stop = asyncio.Event()
         self._commit_wanted = asyncio.Event()
         self._commit_lock = asyncio.Lock()
+        self.commits = CommitHealth(self.name)  # how commits go (/readyz, outage lines)
         self.assigned = asyncio.Event()
-        self._lagging: set[TopicPartition] = set()  # partitions with a lag gauge
+        self.lag = CommittedLag(
+            consumer, metrics.consumer_lag, self.name, committed_by_us=self._committed_by_us
+        )
 
     # --- for subclasses -----------------------------------------------------------------
 
@@ -193,7 +198,6 @@ class Consumer:
                 for tp, records in fetch.result().items():
                     if tp not in self.consumer.assignment():
                         continue  # moved to another member while an earlier one was handled
-                    self._note_lag(tp, records[-1].offset)
                     await self.process(tp, records)
             committer.cancel()
             if await self.drain(self._drain_timeout):
@@ -251,15 +255,49 @@ class Consumer:
                 return
             try:
                 async with asyncio.timeout(COMMIT_TIMEOUT):
-                    await self.consumer.commit(
-                        {tp: OffsetAndMetadata(o, "") for tp, o in to_commit.items()}
-                    )
-            except (KafkaError, TimeoutError) as exc:  # tried again later; at worst re-sent
-                log.warning("consumer_commit_failed", consumer=self.name, error=repr(exc))
+                    await self.before_commit()
+            except TimeoutError:
+                log.warning(
+                    "commit_postponed", consumer=self.name, reason="attempt records not acked"
+                )
+                return
+            if not await self._send_commit(to_commit):
                 return
             for tp, offset in to_commit.items():
                 if tp in self._offsets:
                     self._offsets[tp].committed(offset)
+
+    async def before_commit(self) -> None:
+        """What must be durable before offsets commit (the consumers that make attempts:
+        their attempt records); nothing by default."""
+
+    async def probe_commit(self) -> None:
+        """Commit again the offsets last committed, unchanged: while nothing new finishes,
+        only a commit tells whether the group coordinator can still store offsets (the
+        commit health that ``/readyz`` reads)."""
+        async with self._commit_lock:
+            again = {
+                tp: offsets.last_committed
+                for tp, offsets in self._offsets.items()
+                if tp in self._owned and offsets.last_committed is not None
+            }
+            if again:
+                await self._send_commit(again)
+
+    async def _send_commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        """Commit ``offsets``; False when it failed (logged as an outage, tried again
+        later: at worst records are consumed twice)."""
+        self.commits.started()
+        try:
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await self.consumer.commit(
+                    {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()}
+                )
+        except (KafkaError, TimeoutError) as exc:
+            self.commits.failed(exc)
+            return False
+        self.commits.succeeded()
+        return True
 
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._owned -= revoked  # from now on no record of these is taken
@@ -268,9 +306,7 @@ class Consumer:
         await self.commit(revoked)
         for tp in revoked:
             self._offsets.pop(tp, None)
-            if tp in self._lagging:
-                self._lagging.discard(tp)
-                self._metrics.consumer_lag.remove(self.name, tp.topic, str(tp.partition))
+        self.lag.forget(revoked)
         log.info("consumer_partitions_revoked", consumer=self.name, partitions=_names(revoked))
 
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -282,14 +318,24 @@ class Consumer:
 
     async def _commit_loop(self) -> None:
         """Commits at least every commit interval, and soon after a partition's work in
-        flight all finished (a completed batch)."""
-        while True:
-            wanted = asyncio.ensure_future(self._commit_wanted.wait())
-            await asyncio.wait({wanted}, timeout=self._commit_interval)
-            wanted.cancel()
-            self._commit_wanted.clear()
-            await self.commit()
-            await asyncio.sleep(COMMIT_GAP)  # a rate limit: finished batches coalesce
+        flight all finished (a completed batch); publishes the committed lag after each
+        commit (the end offsets are refreshed beside it, see :mod:`dispatcher.lag`)."""
+        refresher = asyncio.ensure_future(self.lag.run(lambda: self._owned))
+        try:
+            while True:
+                wanted = asyncio.ensure_future(self._commit_wanted.wait())
+                await asyncio.wait({wanted}, timeout=self._commit_interval)
+                wanted.cancel()
+                self._commit_wanted.clear()
+                await self.commit()
+                self.lag.publish(self._owned)
+                await asyncio.sleep(COMMIT_GAP)  # a rate limit: finished batches coalesce
+        finally:
+            refresher.cancel()
+
+    def _committed_by_us(self, tp: TopicPartition) -> int | None:
+        offsets = self._offsets.get(tp)
+        return offsets.last_committed if offsets is not None else None
 
     async def _record_failed(self, tp: TopicPartition, record: Record, exc: Exception) -> None:
         self._count_errors(1)
@@ -343,13 +389,6 @@ class Consumer:
             self._inflight[rescue] = [_Entry(entry.tp, entry.offsets, entry.record, False)]
             rescue.add_done_callback(self._finished)
 
-    def _note_lag(self, tp: TopicPartition, last_offset: int) -> None:
-        end = self.consumer.highwater(tp)
-        if end is not None:
-            self._lagging.add(tp)
-            lag = self._metrics.consumer_lag.labels(self.name, tp.topic, str(tp.partition))
-            lag.set(max(0, end - last_offset - 1))
-
     def _count_errors(self, records: int) -> None:
         self._metrics.record_errors.labels(self.name).inc(records)
         self._metrics.dead_letters.labels("internal").inc(records)
@@ -387,7 +426,6 @@ class Consumer:
         self._passed(failure.drained)
         if tp not in self.consumer.assignment():
             return fetched  # revoked meanwhile: its next owner meets the batch
-        self._note_lag(tp, first - 1)  # what waits behind the batch, the batch included
         state = self.undecodable
         where = {
             "consumer": self.name,

@@ -23,10 +23,10 @@ from typing import Any, Literal
 import asyncpg
 import structlog
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from dispatcher import __version__, catalog, db
+from dispatcher import __version__, catalog, db, kafka
 from dispatcher.attempts import Attempts, Clock
 from dispatcher.backoff import Backoff
 from dispatcher.cache import CacheSync, SubscriptionCache
@@ -34,6 +34,7 @@ from dispatcher.client import HttpClient
 from dispatcher.consumer import Consumer
 from dispatcher.deadletter import DeadLetters
 from dispatcher.delays import DelayQueue
+from dispatcher.disabling import Disabler
 from dispatcher.errors import ConfigurationError, DispatcherError
 from dispatcher.event_consumer import EventConsumer
 from dispatcher.health import Health
@@ -43,11 +44,13 @@ from dispatcher.metrics import Metrics
 from dispatcher.notice_consumer import NoticeConsumer
 from dispatcher.policy import DelayTiers, RetryPolicy
 from dispatcher.recorder import Recorder
+from dispatcher.recovery import Jobs
+from dispatcher.recovery_runner import RecoveryRunner
 from dispatcher.retry_consumer import RetryConsumer
 from dispatcher.settings import Settings
 from dispatcher.store import Store
 from dispatcher.systemd import Notifier
-from dispatcher.topics import ensure_topics
+from dispatcher.topics import ensure_topics, internal_topics
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +74,9 @@ class Daemon:
     event_worker: EventConsumer | None = None
     retry_worker: RetryConsumer | None = None
     notice_worker: NoticeConsumer | None = None
+    recoveries: RecoveryRunner | None = None
     http_port: int | None = None  # the bound port, once started
+    kafka_health: kafka.KafkaHealth | None = None  # once the producer started
     _pool: asyncpg.Pool | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # loops with no end
     _worker_tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -139,6 +144,7 @@ class Daemon:
                 http=http,
                 settings=self.settings,
                 history=history,
+                jobs=Jobs(self._pool),
             )
         else:
             app = web.Application()
@@ -147,6 +153,7 @@ class Daemon:
             cache=self.cache,
             consumers=self.workers,
             kafka_bootstrap=self.settings.kafka_bootstrap,
+            kafka_problems=lambda: self.kafka_health.problems if self.kafka_health else [],
             consumes=self.consumes,
             stopping=self.stop,
             dead_loops=self._dead_loops,
@@ -164,20 +171,14 @@ class Daemon:
         s = self.settings
         if not await self._retry_kafka("create missing topics", lambda: ensure_topics(s)):
             return
-        producer = AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            # Retry records carry whole notifications (up to 80 entities of an import):
-            # compressed, they fit the broker's default 1 MB message limit far more often.
-            compression_type="gzip",
-            max_request_size=16 * 1024 * 1024,
-            client_id="webhook-dispatcher",
-        )
+        producer = kafka.producer(s)
         if not await self._retry_kafka("start the producer", producer.start):
             return
         stack.push_async_callback(producer.stop)
+        self.kafka_health = kafka.KafkaHealth(
+            s, self.workers, producer, internal_topics(s), stopping=self.stop
+        )
+        self._background(group, self.kafka_health.run(), "kafka-health")
         m = self.metrics
         dead_letters = DeadLetters(producer, s.dead_letter_topic)
         tiers = DelayTiers.for_settings(s.retry_topic, retry_delay=s.retry_delay_seconds)
@@ -185,6 +186,9 @@ class Daemon:
             max_retries=s.max_retries, retry_delay=s.retry_delay_seconds, tiers=tiers
         )
         delays = DelayQueue(producer, m)
+        attempt_log = AttemptLog(producer, s.attempt_topic) if s.attempt_log else None
+        if attempt_log is not None:  # closed before the producer: what is queued is sent
+            stack.push_async_callback(attempt_log.close)
         attempts = self.attempts = Attempts(
             http,
             policy,
@@ -193,9 +197,24 @@ class Daemon:
             notice_topic=s.notice_topic,
             max_in_flight=s.max_in_flight,
             max_in_flight_per_endpoint=s.max_in_flight_per_endpoint,
+            min_in_flight_per_endpoint=s.min_in_flight_per_endpoint,
+            webhook_share=s.webhook_share_of_endpoint,
             clock=self.clock,
             metrics=m,
-            attempt_log=AttemptLog(producer, s.attempt_topic) if s.attempt_log else None,
+            attempt_log=attempt_log,
+        )
+        assert self._pool is not None
+        self.recoveries = RecoveryRunner(
+            Jobs(self._pool),
+            Store(self._pool),
+            attempts,
+            history=History(self._pool) if s.attempt_log else None,
+            catalog=the_catalog,
+            settings=s,
+        )
+        # Awaited by the shutdown like a consumer: a job saves its progress and lets go.
+        self._worker_tasks.append(
+            group.create_task(self.recoveries.run(self.stop), name="recovery-jobs")
         )
         if self.role in ("all", "dispatch"):
             batcher = ImportBatcher(
@@ -247,6 +266,9 @@ class Daemon:
             await self._start_worker(group, notices)
             if s.attempt_log:
                 assert self._pool is not None
+                disabler = Disabler(self._pool, s)
+                if disabler.enabled:
+                    self._background(group, disabler.run(), "webhook-disabler")
                 consumer = _consumer(s, f"{s.consumer_group}-attempts")
                 recorder = Recorder(
                     consumer,
@@ -254,6 +276,7 @@ class Daemon:
                     dead_letters=dead_letters,
                     settings=s,
                     metrics=m,
+                    failing=disabler.note,
                 )
                 consumer.subscribe([s.attempt_topic], listener=recorder.listener())
                 self._background(group, recorder.maintain(), "history-maintenance")
@@ -318,14 +341,7 @@ class Daemon:
 
 
 def _consumer(s: Settings, group_id: str, **extra: Any) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        bootstrap_servers=s.kafka_bootstrap,
-        group_id=group_id,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        client_id="webhook-dispatcher",
-        **extra,
-    )
+    return kafka.consumer(s, group_id, **extra)
 
 
 def delay_topics_pattern(retry_topic: str) -> str:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from dispatcher.backoff import Backoff
+from dispatcher.logs import Outage
 
-log = structlog.get_logger(__name__)
+# One per topic: while Kafka refuses its records, one line when it starts, a summary now
+# and then, one when a record is acked again (not one line per record per retry).
+_failing: dict[str, Outage] = {}
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -39,10 +41,17 @@ async def send(
         try:
             ack = await producer.send(topic, value, key=key, headers=list(headers or ()))
             await ack
-            return
         except KafkaError as exc:
             if not (exc.retriable or isinstance(exc, KafkaTimeoutError)):
                 raise  # e.g. a record too large: waiting will not make it fit
-            delay = backoff.next()
-            log.warning("produce_failed", topic=topic, error=repr(exc), retry_in_s=delay)
-            await asyncio.sleep(delay)  # backoff while Kafka is unreachable
+            outage = _failing.get(topic)
+            if outage is None:
+                outage = _failing[topic] = Outage(
+                    "produce_failed", "produce_still_failing", "produce_recovered", topic=topic
+                )
+            outage.failed(repr(exc))
+            await asyncio.sleep(backoff.next())  # backoff while Kafka is unreachable
+        else:
+            if topic in _failing:
+                _failing.pop(topic).recovered()
+            return

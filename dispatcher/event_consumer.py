@@ -139,6 +139,9 @@ class EventConsumer(Consumer):
     async def _deliver(self, webhook: Webhook, notification: Notification) -> None:
         await self._attempts.make(webhook, notification, 0)
 
+    async def before_commit(self) -> None:
+        await self._attempts.durable()  # the attempt records of what finished
+
     def hand_off(self) -> None:
         self._attempts.hand_off()
 

@@ -2,8 +2,12 @@
 
 ``/healthz`` (liveness) is 200 while every long-lived loop runs. ``/readyz`` is 200 when
 this process can do its job: the subscription cache is current, every consumer has its
-partitions and none is stuck at an undecodable batch, a Kafka broker answers, and the
-database answers; otherwise 503, each failing check with its reason. Both answer
+partitions and none is stuck at an undecodable batch, the database answers, and under
+``kafka`` this process's own clients work: a bootstrap broker accepts connections, and
+none of the problems :class:`dispatcher.kafka.KafkaHealth` samples lasted over 4 s (a
+partition whose leader answers no fetch, no group coordinator, commits failing or
+unanswered, records unacknowledged, a partition leader the producer cannot reach).
+Otherwise 503, each failing check with its reason. Both answer
 ``{"status": "ok"|"fail", "checks": {name: "ok" | reason}}``.
 """
 
@@ -31,6 +35,7 @@ class Health:
     cache: SubscriptionCache
     consumers: Sequence[Consumer]  # filled in as they start
     kafka_bootstrap: str
+    kafka_problems: Callable[[], list[str]]  # what KafkaHealth found (once it runs)
     consumes: bool
     stopping: asyncio.Event
     dead_loops: Callable[[], list[str]]
@@ -60,6 +65,8 @@ class Health:
                 checks["kafka"] = f"not assigned: {', '.join(unassigned) or 'starting'}"
             else:
                 checks["kafka"] = await kafka_check(self.kafka_bootstrap)
+                if checks["kafka"] == "ok" and (problems := self.kafka_problems()):
+                    checks["kafka"] = "; ".join(problems)
             stuck = [reason for c in self.consumers for reason in c.undecodable.reasons()]
             checks["decoding"] = "ok" if not stuck else "undecodable batch: " + "; ".join(stuck)
         checks["database"] = await self._database_check()
@@ -78,7 +85,8 @@ class Health:
 
 
 async def kafka_check(bootstrap: str) -> str:
-    """ "ok" if a bootstrap broker accepts a TCP connection within a second."""
+    """ "ok" if a bootstrap broker accepts a TCP connection within a second (whether the
+    clients can work with the cluster is :class:`dispatcher.kafka.KafkaHealth`'s)."""
     for server in bootstrap.split(","):
         host, _, port = server.strip().rpartition(":")
         try:

@@ -14,11 +14,19 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-SKIP_REASONS = ("unmatched", "outside_catalog", "import_skipped")
+SKIP_REASONS = ("unmatched", "outside_catalog", "import_skipped", "webhook_disabled")
 # Every label value known in advance starts at 0, so that rate() and increase() see the
 # first increment (a series born at 1 has no earlier sample to compare it with).
 OUTCOMES = ("200", "1xx", "3xx", "4xx", "5xx", "timeout", "connection", "tls", "blocked")
 CONSUMERS = ("dispatch", "retries", "notices", "recorder")
+# Why an attempt was deferred (dispatcher.endpoint_gate, dispatcher.attempts).
+DEFERRAL_REASONS = ("webhook_backlog", "endpoint_backlog", "retry_after", "hand_off")
+# Why a record of the delay tiers was dropped unattempted (dispatcher.retry_consumer).
+RETRY_DROP_REASONS = (
+    "webhook_deleted_before_first_attempt",
+    "webhook_deleted_before_retry",
+    "malformed_record",
+)
 DEAD_LETTER_REASONS = ("json", "shape", "field", "internal")
 
 
@@ -34,7 +42,8 @@ class Metrics:
         self.events_skipped = Counter(
             "webhook_events_skipped",
             "Events not sent, by reason: unmatched (no webhook), outside_catalog, "
-            "import_skipped (movements of imports).",
+            "import_skipped (movements of imports), webhook_disabled (attempts of a disabled "
+            "webhook).",
             ["reason"],
             registry=r,
         )
@@ -49,6 +58,7 @@ class Metrics:
             self.events_skipped.labels(reason)
         for reason in DEAD_LETTER_REASONS:
             self.dead_letters.labels(reason)
+        self.disabled_skipped = self.events_skipped.labels("webhook_disabled")
         # --- attempts ----------------------------------------------------------------
         self.deliveries = Counter(
             "webhook_deliveries",
@@ -60,6 +70,16 @@ class Metrics:
         )
         self._by_outcome: dict[str, Any] = {o: self.deliveries.labels(o) for o in OUTCOMES}
         self.deliveries.labels("deferred")
+        self.deferrals = Counter(
+            "webhook_deferrals",
+            "Attempts deferred to the delay topic unmade (no mail, nRetry unchanged), by "
+            "reason: webhook_backlog (this webhook's attempts are slow and it has a backlog "
+            "at its endpoint), endpoint_backlog (slow, and its endpoint is crowded), "
+            "retry_after (its endpoint asked it to wait), hand_off (a shutdown's).",
+            ["reason"],
+            registry=r,
+        )
+        self._deferrals = {reason: self.deferrals.labels(reason) for reason in DEFERRAL_REASONS}
         self.delivery_seconds = Histogram(
             "webhook_delivery_duration_seconds",
             "Time from the start of a delivery attempt's POST to its outcome.",
@@ -80,9 +100,15 @@ class Metrics:
         )
         self.retries_dropped = Counter(
             "webhook_retries_dropped",
-            "Pending retries dropped because their webhook was deleted.",
+            "Records of the delay tiers dropped unattempted, by reason: "
+            "webhook_deleted_before_first_attempt (a deferred first attempt: the event was "
+            "never sent), webhook_deleted_before_retry (a retry of a failed attempt), "
+            "malformed_record (a record that cannot be decoded).",
+            ["reason"],
             registry=r,
         )
+        for reason in RETRY_DROP_REASONS:
+            self.retries_dropped.labels(reason)
         self.delay_records = Counter(
             "webhook_delay_records",
             "Records queued on the delay topics, by tier and kind: retry (after a failed "
@@ -142,7 +168,8 @@ class Metrics:
         # --- consumers ---------------------------------------------------------------
         self.consumer_lag = Gauge(
             "webhook_consumer_lag",
-            "Records behind the end of each assigned partition, per consumer.",
+            "Records waiting on each assigned partition, per consumer: the end offset minus "
+            "the committed offset (records in flight count).",
             ["consumer", "topic", "partition"],
             registry=r,
         )
@@ -190,8 +217,10 @@ class Metrics:
         child.inc()
         self.delivery_seconds.observe(duration_ms / 1000)
 
-    def deferred(self) -> None:
+    def deferred(self, reason: str) -> None:
+        """An attempt deferred unmade, for ``reason`` (one of DEFERRAL_REASONS)."""
         self.deliveries.labels("deferred").inc()
+        self._deferrals[reason].inc()
 
     def cache_resynced(self) -> None:
         self._resynced_at = time.monotonic()

@@ -1,13 +1,19 @@
 """The notice consumer: mails each failure notice, off the delivery path.
 
-It consumes the notice topic (``DISPATCHER_NOTICE_TOPIC``) and sends each notice with
-aiosmtplib; while SMTP is down it retries the same notice with backoff and commits
-nothing, so no notice is lost and none is sent twice in normal operation.
+It consumes the notice topic (``DISPATCHER_NOTICE_TOPIC``) and mails the notices
+concurrently over a pool of reused SMTP sessions (:mod:`dispatcher.mailer`,
+``DISPATCHER_SMTP_CONNECTIONS``), a few per session in flight. An offset commits only
+once the mail of its notice and of every notice before it on the partition was accepted
+by the SMTP server (the :class:`~dispatcher.consumer.Consumer` base commits in order), so
+a crash loses none. While SMTP is down every notice waits, with one shared backoff, and
+nothing commits; none is sent twice in normal operation. A permanent refusal (5xx, e.g. no
+such mailbox) drops that notice, logged and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import aiosmtplib
 import structlog
@@ -16,6 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from dispatcher.backoff import Backoff
 from dispatcher.consumer import Consumer, Record
 from dispatcher.deadletter import DeadLetters
+from dispatcher.mailer import Mailer, SessionFailed
 from dispatcher.metrics import Metrics
 from dispatcher.notices import Notice, render
 from dispatcher.settings import Settings
@@ -24,17 +31,62 @@ log = structlog.get_logger(__name__)
 
 
 MAX_DIGEST = 200  # notices in one digest mail at most
+IN_FLIGHT_PER_CONNECTION = 8  # notices taken per SMTP connection, so none idles
 
 
 def _permanent(exc: BaseException) -> bool:
-    """An SMTP answer that will be the same next time (5xx), unlike 4xx or a lost link."""
+    """An SMTP answer to this mail that will be the same next time (5xx, or a server that
+    lacks what the mail needs, e.g. SMTPUTF8), unlike 4xx, a lost link or a session that
+    could not be opened (the server or our settings, fixed by an operator)."""
+    if isinstance(exc, SessionFailed):
+        return False
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         return all(r.code >= 500 for r in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return True
     return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500
 
 
+def _this_mail(exc: BaseException) -> bool:
+    """A 4xx answer about this mail (greylisting, a full mailbox), other than 421: the
+    server is up, so the other notices need not wait for this one's retries."""
+    if isinstance(exc, SessionFailed):
+        return False
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code != 421 for r in exc.recipients)
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code != 421
+
+
+class _Outage:
+    """One backoff shared by every notice while the SMTP server cannot be reached (or
+    closes on us), so that a backlog waits together instead of each notice knocking on
+    its own schedule."""
+
+    def __init__(self, cap: float) -> None:
+        self._backoff = Backoff(cap=cap)
+        self._until = 0.0  # monotonic time before which no send is tried
+
+    def failed(self) -> float:
+        """A send failed: the seconds to wait (a new step of the backoff unless one is
+        running already)."""
+        now = time.monotonic()
+        if self._until <= now:
+            self._until = now + self._backoff.next()
+        return self._until - now
+
+    def ok(self) -> None:
+        self._backoff.reset()
+        self._until = 0.0
+
+    async def wait(self) -> None:
+        """Return once no backoff runs (at once, unless SMTP failed just now)."""
+        left = self._until - time.monotonic()
+        if left > 0:
+            await asyncio.sleep(left)  # the shared backoff while SMTP is down
+
+
 class NoticeConsumer(Consumer):
-    """Sends notices in order per partition; retries SMTP with backoff, loses none.
+    """Mails notices concurrently over reused SMTP sessions; commits in order, loses none.
 
     With ``DISPATCHER_NOTICE_DIGEST_SECONDS`` > 0, one webhook's notices of that window
     go out as one digest mail; their offsets finish when the digest is sent.
@@ -50,19 +102,28 @@ class NoticeConsumer(Consumer):
         metrics: Metrics,
         dead_letters: DeadLetters | None = None,
         backoff_cap: float = 60.0,
+        mailer: Mailer | None = None,
     ) -> None:
         super().__init__(
             consumer,
             settings=settings,
             metrics=metrics,
-            max_pending=1,
+            max_pending=settings.smtp_connections * IN_FLIGHT_PER_CONNECTION,
             dead_letters=dead_letters,
         )
         self._settings = settings
+        self.mailer = Mailer(settings) if mailer is None else mailer
         self._backoff_cap = backoff_cap
+        self._outage = _Outage(backoff_cap)
         # webhook id -> (its partition, the notices of the open window, the task that
         # sends them when the window closes)
         self._digests: dict[str, tuple[TopicPartition, list[Notice], asyncio.Task[None]]] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await super().run(stop)
+        finally:
+            await self.mailer.close()
 
     async def handle(self, tp: TopicPartition, record: Record) -> None:
         try:
@@ -107,10 +168,12 @@ class NoticeConsumer(Consumer):
         await self._send_until_done(pending)
 
     async def _send_until_done(self, notices: list[Notice]) -> None:
-        backoff = Backoff(cap=self._backoff_cap)
+        message = render(notices, self._settings.smtp_sender)
+        own = Backoff(cap=self._backoff_cap)  # for refusals of this mail alone
         while True:
+            await self._outage.wait()
             try:
-                await self._send(notices)
+                await self.mailer.send(message)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
                 if _permanent(exc):  # e.g. 550 no such mailbox: retrying cannot help
                     self._metrics.notices_rejected.inc()
@@ -122,15 +185,17 @@ class NoticeConsumer(Consumer):
                     )
                     return
                 self._metrics.notices_failed.inc()
-                delay = backoff.next()
+                delay = own.next() if _this_mail(exc) else self._outage.failed()
                 log.warning(
                     "notice_send_failed",
                     notice_ids=[n.notice_id for n in notices],
                     error=str(exc),
-                    retry_in_s=delay,
+                    retry_in_s=round(delay, 3),
                 )
-                await asyncio.sleep(delay)  # backoff while SMTP is down, not coordination
+                if _this_mail(exc):
+                    await asyncio.sleep(delay)  # this mail's backoff; the others go on
                 continue
+            self._outage.ok()
             self._metrics.notices_sent.inc()
             log.info(
                 "notice_sent",
@@ -139,16 +204,3 @@ class NoticeConsumer(Consumer):
                 final=any(n.final for n in notices),
             )
             return
-
-    async def _send(self, notices: list[Notice]) -> None:
-        s = self._settings
-        await aiosmtplib.send(
-            render(notices, s.smtp_sender),
-            hostname=s.smtp_host,
-            port=s.smtp_port,
-            username=s.smtp_user or None,
-            password=s.smtp_password or None,
-            use_tls=s.smtp_tls == "tls",
-            start_tls=s.smtp_tls == "starttls",
-            timeout=30,
-        )

@@ -55,6 +55,11 @@ class PartitionOffsets:
         self._last_committed = offset
 
     @property
+    def last_committed(self) -> int | None:
+        """The offset last committed (as told by :meth:`committed`), or None."""
+        return self._last_committed
+
+    @property
     def in_flight(self) -> int:
         """Offsets handed out and not yet finished in order."""
         return len(self._pending)

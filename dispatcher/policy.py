@@ -152,10 +152,19 @@ class RetryPolicy:
         wait = max(self.retry_delay, clamp_retry_after(retry_after))
         return Retry(n_retry + 1, now + wait, self.tiers.for_wait(wait))
 
-    def deferral(self, n_retry: int, *, now: float) -> Retry:
-        """The same attempt again later, not counted as a failure: the shortest tier."""
+    def deferral(self, n_retry: int, *, now: float, until: float | None = None) -> Retry:
+        """The same attempt again later, not counted as a failure: the shortest tier, or,
+        when the endpoint asked to wait until ``until`` (later than that tier), due then.
+
+        >>> policy = RetryPolicy(3, 900, DelayTiers.for_settings("r", retry_delay=900))
+        >>> [(r.due, r.tier.name) for r in (policy.deferral(0, now=0), policy.deferral(
+        ...     0, now=0, until=10), policy.deferral(0, now=0, until=4000))]
+        [(30.0, '30s'), (30.0, '30s'), (4000, '1h')]
+        """
         tier = self.tiers.shortest
-        return Retry(n_retry, now + tier.seconds, tier)
+        if until is None or until - now <= tier.seconds:
+            return Retry(n_retry, now + tier.seconds, tier)
+        return Retry(n_retry, until, self.tiers.for_wait(until - now))
 
     def released(self, due: float, *, now: float) -> Tier | None:
         """A record released by its tier (or read from a topic that is not a tier):

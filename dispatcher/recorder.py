@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from dispatcher.backoff import Backoff
 from dispatcher.consumer import Consumer, Record
 from dispatcher.deadletter import DeadLetters
-from dispatcher.history import History, row_values
+from dispatcher.history import History, Written, row_values
 from dispatcher.metrics import Metrics
 from dispatcher.settings import Settings
 
@@ -34,6 +36,23 @@ DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 # SQLSTATE classes that waiting cures: connection, insufficient resources, operator
 # intervention (shutdown, cannot connect now), transaction rollback (deadlock, serialization).
 RETRIABLE_STATES = ("08", "53", "57", "40")
+
+
+def _payload(records: list[Record]) -> bytes | None:
+    """The records' attempts as one JSON array, or None when a record is not a JSON
+    array or object (it is then decoded here, and refused with a reason)."""
+    parts = []
+    for record in records:
+        value = (record.value or b"").strip()
+        if value.startswith(b"[") and value.endswith(b"]"):
+            inner = value[1:-1].strip()
+            if inner:
+                parts.append(inner)
+        elif value.startswith(b"{") and value.endswith(b"}"):
+            parts.append(value)
+        else:
+            return None
+    return b"[" + b",".join(parts) + b"]"
 
 
 def retriable(exc: BaseException) -> bool:
@@ -58,7 +77,10 @@ class Recorder(Consumer):
         dead_letters: DeadLetters,
         settings: Settings,
         metrics: Metrics,
+        failing: Callable[[set[uuid.UUID]], None] | None = None,
     ) -> None:
+        """``failing`` is told, after each write, the webhooks with failed attempts in it
+        (the :class:`~dispatcher.disabling.Disabler`)."""
         super().__init__(
             consumer,
             settings=settings,
@@ -68,25 +90,64 @@ class Recorder(Consumer):
             fetch_max_records=500,
         )
         self._history = history
+        self._failing = failing
         self._retention_days = settings.attempt_retention_days
 
     async def process(self, tp: TopicPartition, records: list[Record]) -> None:
         """One write for every attempt record of this fetch of ``tp`` (each Kafka record
         holds the attempts of a few milliseconds, as a JSON array)."""
-        rows: list[tuple[Any, ...]] = []
         taken: list[Record] = []
         for record in records:
             if not self.accepting(tp):
                 break
-            rows.extend(self._rows(record))
             taken.append(record)
-        if not rows:
-            for record in taken:
-                await self.track(tp, record, None)
-            return
-        write = asyncio.ensure_future(self._write(rows))
+        write = asyncio.ensure_future(self._write_records(taken))
         for record in taken:  # a slot each: while PostgreSQL is down, fetching stops
             await self.track(tp, record, write)
+
+    async def _write_records(self, records: list[Record]) -> None:
+        """The records' attempts, decoded by PostgreSQL (the recorder parses nothing);
+        if it refuses them (a value of the wrong type, a day with no partition), decoded
+        and checked here, record by record (:meth:`_rows`), and written as rows."""
+        payload = _payload(records)
+        if payload == b"[]":
+            return
+        if payload is not None:
+            backoff = Backoff(first=0.5, cap=30.0)
+            while True:
+                try:
+                    written = await self._history.write_json(payload)
+                except DATABASE_ERRORS as exc:
+                    if not retriable(exc):
+                        log.warning("history_batch_checked", error=repr(exc)[:300])
+                        break
+                    self._metrics.recorder_errors.inc()
+                    delay = backoff.next()
+                    log.warning("history_write_failed", error=repr(exc), retry_in_s=delay)
+                    await asyncio.sleep(delay)  # backoff while PostgreSQL is unreachable
+                    continue
+                self._written(written, records)
+                return
+        rows = [row for record in records for row in self._rows(record)]
+        if rows:
+            await self._write(rows)
+
+    def _written(self, written: Written, records: list[Record]) -> None:
+        if written.valid < written.given:
+            malformed = written.given - written.valid
+            self._metrics.recorder_errors.inc(malformed)
+            log.error(
+                "attempt_record_malformed",
+                records=malformed,
+                error="not of the attempt record's shape (outcome, trigger or entity_ids)",
+                offset=records[0].offset,
+            )
+        self._metrics.attempts_recorded.inc(written.valid)
+        if self._failing is not None and written.failing:
+            self._failing(set(written.failing))
+        if written.newest is not None:
+            lag = time.time() - written.newest.timestamp()
+            self._metrics.attempt_record_lag.set(max(0.0, lag))
 
     def _rows(self, record: Record) -> list[tuple[Any, ...]]:
         """The rows of one Kafka record; malformed attempts are logged and left out."""
@@ -129,6 +190,8 @@ class Recorder(Consumer):
                 log.warning("history_write_failed", error=repr(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)  # backoff while PostgreSQL is unreachable
         self._metrics.attempts_recorded.inc(len(rows))
+        if self._failing is not None:
+            self._failing({row[2] for row in rows if row[7] != "delivered"})
         newest = max(row[1] for row in rows).timestamp()
         self._metrics.attempt_record_lag.set(max(0.0, time.time() - newest))
 

@@ -73,6 +73,7 @@ class RetryConsumer(Consumer):
         try:
             retry = RetryRecord.decode(record.value)
         except ValueError as exc:
+            self._metrics.retries_dropped.labels("malformed_record").inc()
             log.error("retry_record_malformed", error=str(exc), offset=record.offset)
             await self.track(tp, record, None)
             return
@@ -102,17 +103,14 @@ class RetryConsumer(Consumer):
             await self._cache.barrier()  # deleted, or created after the cache last heard?
             webhook = self._cache.get(retry.notification.webhook_id)
         if webhook is None:
-            self._metrics.retries_dropped.inc()
-            log.info(
-                "retry_dropped",
-                reason="webhook deleted",
-                webhook_id=str(retry.notification.webhook_id),
-                notification_uuid=retry.notification.notification_uuid,
-            )
+            _dropped(retry, self._metrics)
             return
         # A deferred first try is still the scheduled one.
         trigger: Trigger = "retry" if retry.n_retry > 0 else "scheduled"
         await self._attempts.make(webhook, retry.notification, retry.n_retry, trigger)
+
+    async def before_commit(self) -> None:
+        await self._attempts.durable()  # the attempt records of what finished
 
     def hand_off(self) -> None:
         self._attempts.hand_off()
@@ -142,3 +140,28 @@ class RetryConsumer(Consumer):
             if timer is not None:
                 timer.cancel()
         await super().on_revoked(revoked)
+
+
+def _dropped(retry: RetryRecord, metrics: Metrics) -> None:
+    """Its webhook was deleted before the record came due: counted and logged, not sent.
+
+    A deleted webhook is not attempted: its integrator asked for no more deliveries, and
+    its URL and secret are gone with it (records never carry a secret). The event of a
+    first attempt that was deferred (its endpoint saturated, a shutdown's hand-off) was
+    never sent at all, which nobody was told of: that one is a warning."""
+    fields = {
+        "webhook_id": str(retry.notification.webhook_id),
+        "notification_uuid": retry.notification.notification_uuid,
+        "n_retry": retry.n_retry,
+        "last_failure": retry.last_failure,
+    }
+    if retry.n_retry == 0:
+        metrics.retries_dropped.labels("webhook_deleted_before_first_attempt").inc()
+        log.warning(
+            "retry_dropped",
+            reason="webhook deleted before its deferred first attempt: the event was never sent",
+            **fields,
+        )
+    else:
+        metrics.retries_dropped.labels("webhook_deleted_before_retry").inc()
+        log.info("retry_dropped", reason="webhook deleted before the retry was due", **fields)

@@ -83,6 +83,16 @@ def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a fraction above 0 and at most 1, got {raw!r}") from None
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError(f"expected a fraction above 0 and at most 1, got {raw!r}")
+    return value
+
+
 def _topics(raw: str) -> tuple[str, ...]:
     topics = tuple(t.strip() for t in raw.split(",") if t.strip())
     if not topics:
@@ -123,6 +133,16 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _hours(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of hours, got {raw!r}") from None
+    if not 0 <= value < 1e6:  # also refuses nan and inf
+        raise ValueError(f"expected 0 or more hours, got {raw!r}")
+    return value
+
+
 def _log_level(raw: str) -> str:
     return _choice("debug", "info", "warning", "error")(raw).upper()
 
@@ -156,7 +176,22 @@ class Settings:
     """The daemon's configuration. Build it with :meth:`from_env`."""
 
     kafka_bootstrap: str = _setting(
-        "127.0.0.1:9092", _str, "Kafka bootstrap servers, comma-separated host:port."
+        "127.0.0.1:9092",
+        _str,
+        "Kafka bootstrap servers, comma-separated host:port; on a cluster list several "
+        "brokers: clients ask them again when no broker they know answers.",
+    )
+    kafka_metadata_max_age_ms: int = _setting(
+        30_000,
+        _int_at_least(1000),
+        "Longest time a Kafka client keeps its cluster metadata (brokers, partition "
+        "leaders) without asking again; an error makes it ask at once.",
+    )
+    kafka_request_timeout_ms: int = _setting(
+        15_000,
+        _int_at_least(10_001),
+        "Longest wait for one Kafka request or connection; above 10000 (the consumers' "
+        "session timeout, which bounds a group join).",
     )
     database_url: str = _setting(
         "postgresql://dispatcher@127.0.0.1:55432/dispatcher",
@@ -176,6 +211,11 @@ class Settings:
         "SMTP transport security: none, starttls or tls (implicit TLS).",
     )
     smtp_sender: str = _setting("webhooks@localhost", _str, "From address of failure notices.")
+    smtp_connections: int = _setting(
+        4,
+        _int_at_least(1),
+        "SMTP connections kept open for failure notices, each reused for many mails.",
+    )
     event_topics: tuple[str, ...] = _setting(
         ("entity-events",), _topics, "Kafka topics of entity-change events, comma-separated."
     )
@@ -201,6 +241,14 @@ class Settings:
     attempt_retention_days: int = _setting(
         30, _int_at_least(1), "Days of delivery history kept (whole daily partitions dropped)."
     )
+    recovery_max_days: int = _setting(
+        14, _int_at_least(1), "Longest time range of one recovery job (POST /recover), in days."
+    )
+    disable_after_hours: float = _setting(
+        120.0,
+        _hours,
+        "A webhook whose attempts all failed for this long (10 at least) is disabled; 0: never.",
+    )
     notice_topic: str = _setting(
         "webhook-notices", _topic, "Topic queueing failure notices until they are mailed."
     )
@@ -220,7 +268,21 @@ class Settings:
         256, _int_at_least(1), "Deliveries in flight at once, over all endpoints."
     )
     max_in_flight_per_endpoint: int = _setting(
-        8, _int_at_least(1), "Deliveries in flight at once to one endpoint (scheme+host+port)."
+        8,
+        _int_at_least(1),
+        "Most deliveries in flight at once to one endpoint (scheme+host+port): its adaptive "
+        "limit starts here, halves on timeouts and 429/503 answers, grows back on fast ones.",
+    )
+    min_in_flight_per_endpoint: int = _setting(
+        2,
+        _int_at_least(1),
+        "Lowest an endpoint's adaptive limit goes (capped by the maximum above).",
+    )
+    webhook_share_of_endpoint: float = _setting(
+        0.25,
+        _fraction,
+        "Most of its endpoint's limit one webhook may hold while others wait (a fraction; "
+        "1 slot at least); a fast webhook borrows free slots past it.",
     )
     allow_private_targets: tuple[IPNetwork, ...] = _setting(
         (),

@@ -56,6 +56,14 @@ class Webhook:
     # ``previous_secret_until``; both None when the webhook was never rotated.
     previous_secret: str | None = field(default=None, repr=False)
     previous_secret_until: datetime | None = None
+    # Set while the webhook is disabled (by its integrator, or after failing for days):
+    # no attempts are made, its events are counted and not sent.
+    disabled_at: datetime | None = None
+    disabled_reason: str | None = None
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
     def public(self) -> dict[str, str]:
         """The API representation, without the secret (see :meth:`with_secret`)."""
@@ -113,7 +121,7 @@ def new_secret() -> str:
 
 _WEBHOOK_COLUMNS = (
     "id, environment_id, client_id, entity_name, event_type, url, email, secret, created_at, "
-    "previous_secret, previous_secret_until"
+    "previous_secret, previous_secret_until, disabled_at, disabled_reason"
 )
 
 
@@ -276,6 +284,27 @@ class Store:
             environment_id,
             grace_seconds,
             new_secret(),
+        )
+        return _webhook(row) if row else None
+
+    async def set_disabled(
+        self, environment_id: str, webhook_id: uuid.UUID, reason: str | None
+    ) -> Webhook | None:
+        """Disable the webhook (``reason`` given) or enable it (None); None if the shop
+        has no such webhook. Disabling a disabled webhook keeps its first time and reason.
+        Running dispatchers hear of it through the NOTIFY trigger."""
+        row = await self._pool.fetchrow(
+            f"""UPDATE webhooks
+                SET disabled_at = CASE WHEN $3::text IS NULL THEN NULL
+                                       ELSE coalesce(disabled_at, now()) END,
+                    disabled_reason = CASE WHEN $3::text IS NULL THEN NULL
+                                           ELSE coalesce(disabled_reason, $3) END,
+                    disabled_mail_pending = false
+                WHERE id = $1 AND environment_id = $2
+                RETURNING {_WEBHOOK_COLUMNS}""",  # noqa: S608 - constant column list
+            webhook_id,
+            environment_id,
+            reason,
         )
         return _webhook(row) if row else None
 

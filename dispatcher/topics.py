@@ -14,6 +14,7 @@ from __future__ import annotations
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from dispatcher import kafka
 from dispatcher.errors import KafkaUnavailable
 from dispatcher.policy import DelayTiers
 from dispatcher.settings import Settings
@@ -32,7 +33,7 @@ def internal_topics(s: Settings) -> list[str]:
 
 async def ensure_topics(s: Settings) -> None:
     """Create the topics this daemon needs that are missing."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    admin = kafka.admin(s)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -19,6 +19,7 @@ import email.policy
 import itertools
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -83,8 +84,24 @@ def envelope_headers(envelope: Envelope) -> bytes:
     return "".join(f"{line}\r\n" for line in lines).encode("utf-8", "replace")
 
 
+_SUBJECT = re.compile(rb"^Subject:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.MULTILINE | re.IGNORECASE)
+_FOLD = re.compile(rb"\r?\n[ \t]")
+
+
 def subject_of(raw: bytes) -> str:
-    """Return the decoded Subject header of ``raw`` ('' when absent)."""
+    """Return the decoded Subject header of ``raw`` ('' when absent).
+
+    A plain ASCII subject is read with a regular expression (the ``email`` parser costs a
+    fifth of a millisecond, which at hundreds of mails a second counts); one with encoded
+    words (RFC 2047) or 8-bit bytes goes through the ``email`` package.
+    """
+    head = re.split(rb"\r?\n\r?\n", raw, maxsplit=1)[0]
+    found = _SUBJECT.search(head)
+    if found is None:
+        return ""
+    value = _FOLD.sub(b" ", found.group(1)).strip()
+    if value.isascii() and b"=?" not in value:
+        return value.decode("ascii")
     parser = email.parser.BytesHeaderParser(policy=email.policy.default)
     try:
         return str(parser.parsebytes(raw).get("Subject", ""))

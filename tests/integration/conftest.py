@@ -30,18 +30,19 @@ import trustme
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiosmtpd.smtp import SMTP
 
 from dispatcher import db
 from dispatcher.daemon import Daemon
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
+from tests.integration.kafka_cluster import BROKER_IDS, KafkaCluster, remove
 from tests.integration.support import (
     DISPATCHER,
     KAFKA,
     PG_URL,
     WAIT,
     Mailbox,
+    MailboxServer,
     MakeReceiver,
     Process,
     Receiver,
@@ -217,7 +218,9 @@ async def receiver(receiver_factory: MakeReceiver) -> Receiver:
 async def mailbox() -> AsyncIterator[Mailbox]:
     loop = asyncio.get_running_loop()
     box = Mailbox("127.0.0.1", 0)
-    server = await loop.create_server(lambda: SMTP(box, hostname="mailbox.test"), "127.0.0.1", 0)
+    server = await loop.create_server(
+        lambda: MailboxServer(box, hostname="mailbox.test"), "127.0.0.1", 0
+    )
     box.port = server.sockets[0].getsockname()[1]
     yield box
     server.close()
@@ -339,3 +342,58 @@ async def restore_stack() -> AsyncIterator[None]:
     yield
     await stack("up", "kafka")
     await stack("up", "postgres")
+
+
+# --- A Kafka cluster of three brokers ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kafka_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """Three brokers and a controller of their own (ports, directory), started once for
+    the module that asks for it and killed after it (``kafka_cluster.py``)."""
+    root = tmp_path_factory.mktemp("kafka-cluster")
+
+    async def start() -> KafkaCluster:
+        cluster = await KafkaCluster.create(root)
+        await cluster.start()
+        return cluster
+
+    cluster = asyncio.run(start())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        remove(root)
+
+
+@pytest.fixture
+async def cluster(kafka_cluster: KafkaCluster) -> AsyncIterator[KafkaCluster]:
+    """The cluster, whole when the test starts and again after it (the brokers the test
+    killed are restarted and caught up)."""
+    await kafka_cluster.wait_healed()
+    yield kafka_cluster
+    killed = set(BROKER_IDS) - kafka_cluster.running_brokers()
+    if killed:
+        await kafka_cluster.restart(*sorted(killed))
+    await kafka_cluster.wait_healed()
+
+
+@pytest.fixture
+async def cluster_settings(settings: Settings, cluster: KafkaCluster) -> Settings:
+    """Settings on the cluster: this test's own event topic (3 partitions, RF 3), its own
+    internal topics (the daemon creates them, RF 3) and consumer group."""
+    tag = uuid.uuid4().hex[:10]
+    events = f"events-{tag}"
+    async with cluster.admin() as admin:
+        await admin.create_topics([NewTopic(events, num_partitions=3, replication_factor=3)])
+    return replace(
+        settings,
+        kafka_bootstrap=cluster.bootstrap,
+        event_topics=(events,),
+        consumer_group=f"group-{tag}",
+        retry_topic=f"retries-{tag}",
+        notice_topic=f"notices-{tag}",
+        dead_letter_topic=f"dead-{tag}",
+        attempt_topic=f"attempts-{tag}",
+        drain_timeout_seconds=5.0,
+    )

@@ -177,20 +177,47 @@ def entity_uuids(receiver: Receiver) -> list[str]:
 
 @dataclass
 class Mailbox:
-    """A real SMTP server (aiosmtpd) on loopback that keeps what it receives."""
+    """A real SMTP server (aiosmtpd) on loopback that keeps what it receives, counts its
+    sessions (connections), and can misbehave: refuse, drop sessions, hold a mail."""
 
     host: str
     port: int
     messages: list[Message] = field(default_factory=list)
     accept: bool = True
     no_such_user: set[str] = field(default_factory=set)  # refused at RCPT with a 550
+    greylisted: set[str] = field(default_factory=set)  # refused at RCPT with a 451 for now
+    sessions: int = 0  # connections accepted so far
+    open_sessions: int = 0  # connections open now
+    peak_sessions: int = 0  # most connections open at once
+    # a session's message number close_after + 1 is not accepted: the connection is
+    # closed while its DATA is in (None: never)
+    close_after: int | None = None
+    dropped: int = 0  # sessions closed that way
+    # notice ids (X-Webhook-Notice-Id) whose DATA is answered only once ``release`` is set
+    hold: set[str] = field(default_factory=set)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    _per_session: dict[int, int] = field(default_factory=dict)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def connected(self) -> None:
+        self.sessions += 1
+        self.open_sessions += 1
+        self.peak_sessions = max(self.peak_sessions, self.open_sessions)
+
+    def disconnected(self) -> None:
+        self.open_sessions -= 1
+
+    def notice_ids(self) -> list[str]:
+        """The X-Webhook-Notice-Id of every mail received, in order."""
+        return [str(m["X-Webhook-Notice-Id"]) for m in self.messages]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
         if address in self.no_such_user:
             return "550 5.1.1 No such user"
+        if address in self.greylisted:
+            return "451 4.7.1 Greylisted, try again later"
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
@@ -198,7 +225,16 @@ class Mailbox:
         if not self.accept:
             return "451 Try again later"
         content = envelope.original_content or b""
-        self.messages.append(message_from_bytes(content))
+        message = message_from_bytes(content)
+        number = self._per_session[id(session)] = self._per_session.get(id(session), 0) + 1
+        if self.close_after is not None and number > self.close_after:
+            assert server.transport is not None
+            server.transport.close()  # dropped mid-way: this mail is not accepted
+            self.dropped += 1
+            return "421 4.3.2 Closing"
+        if str(message["X-Webhook-Notice-Id"]) in self.hold:
+            await self.release.wait()  # cancelled if the client goes away meanwhile
+        self.messages.append(message)
         async with self._changed:
             self._changed.notify_all()
         return "250 OK"
@@ -207,6 +243,22 @@ class Mailbox:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: len(self.messages) >= count)
         return self.messages
+
+
+class MailboxServer(SMTP):
+    """aiosmtpd's SMTP protocol, telling the :class:`Mailbox` of each connection."""
+
+    def __init__(self, box: Mailbox, **kwargs: Any) -> None:
+        super().__init__(box, **kwargs)
+        self._box = box
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._box.connected()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._box.disconnected()
+        super().connection_lost(error)
 
 
 # --- shops, webhooks and events ---------------------------------------------------------
@@ -263,6 +315,14 @@ async def produce(producer: AIOKafkaProducer, topic: str, *events: dict[str, Any
         await producer.send(topic, orjson.dumps(e), key=str(e.get("environment_id", "")).encode())
         for e in events
     ]
+    await asyncio.gather(*acks)
+
+
+async def produce_raw(
+    producer: AIOKafkaProducer, topic: str, records: list[tuple[bytes, bytes]]
+) -> None:
+    """Produce (key, value) records as they are and wait for the broker's acks."""
+    acks = [await producer.send(topic, value, key=key) for key, value in records]
     await asyncio.gather(*acks)
 
 
@@ -488,6 +548,17 @@ async def end_offset(tp: TopicPartition) -> int:
     await consumer.start()
     try:
         return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
+
+
+async def end_offsets(topic: str, partitions: int) -> dict[TopicPartition, int]:
+    """The end offset of each of the ``partitions`` partitions of ``topic`` now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=KAFKA)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        return {tp: int(o) for tp, o in (await consumer.end_offsets(tps)).items()}
     finally:
         await consumer.stop()
 

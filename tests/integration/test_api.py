@@ -30,6 +30,7 @@ from dispatcher import catalog
 from dispatcher.api import MAX_BODY, create_app
 from dispatcher.client import HttpClient
 from dispatcher.history import History
+from dispatcher.recovery import Jobs
 from dispatcher.settings import Settings
 from dispatcher.store import Principal, Store
 from tests.integration.support import (
@@ -167,6 +168,7 @@ async def api_factory(
                 http=http,
                 settings=configured,
                 history=History(pool),
+                jobs=Jobs(pool),
             )
             client = await stack.enter_async_context(TestClient(TestServer(app)))
             return Api(client, openapi)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from dispatcher import catalog
 from dispatcher.api import FIELDS, MAX_BODY, create_app
 from dispatcher.client import HttpClient
+from dispatcher.recovery import Jobs
 from dispatcher.settings import Settings
 from dispatcher.store import Store
 from tests.integration.support import Receiver, free_port
@@ -182,7 +183,9 @@ async def fuzzed(
     store = Store(pool)
     _, token = await store.issue_token("fuzz-shop", "fuzz-client")
     async with HttpClient.from_settings(settings) as http:
-        app = create_app(store=store, catalog=catalog.load(), http=http, settings=settings)
+        app = create_app(
+            store=store, catalog=catalog.load(), http=http, settings=settings, jobs=Jobs(pool)
+        )
         async with TestClient(TestServer(app)) as client:
             yield Fuzzed(client, token, receiver)
 

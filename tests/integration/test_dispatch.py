@@ -146,10 +146,11 @@ async def test_hanging_endpoint_does_not_delay_another_shop(world: World) -> Non
     await world.start(settings)
 
     await world.produce(*[make_event(shop) for _ in range(20)])
-    await slow.wait_for(settings.max_in_flight_per_endpoint)  # its slots are all taken
+    share = 2  # of the endpoint's 8 slots (DISPATCHER_WEBHOOK_SHARE_OF_ENDPOINT = 0.25)
+    await slow.wait_for(share)  # its share is taken
     await world.produce(*[make_event(other) for _ in range(5)])
     await fast.wait_for(5, timeout=10)
-    assert len(slow.requests) == settings.max_in_flight_per_endpoint  # still hanging
+    assert len(slow.requests) == share  # still hanging
     release.set()
     await slow.wait_for(20)
 
@@ -157,22 +158,26 @@ async def test_hanging_endpoint_does_not_delay_another_shop(world: World) -> Non
 async def test_backlog_of_a_hanging_endpoint_is_deferred_not_queued_without_end(
     world: World,
 ) -> None:
-    """Past its queue bound, a hanging endpoint's new events go to the delay topic."""
+    """Past its queue bound, a hanging webhook's new events go to the delay topic."""
     release = asyncio.Event()
     shop = world.shop
     slow = await world.receivers(responder=hanging_until(release))
     await world.subscribe(slow)
     settings = replace(world.settings, delivery_timeout_seconds=60.0, max_in_flight_per_endpoint=2)
     running = await world.start(settings)
-    await world.produce(*[make_event(shop) for _ in range(16)])  # the bound: 2 x 8
-    await slow.wait_for(2)
+    await world.produce(*[make_event(shop) for _ in range(8)])  # the bound: a share of 1 x 8
+    await slow.wait_for(1)
 
     registry = running.daemon.metrics.registry
     async with asyncio.timeout(WAIT):
         while not registry.get_sample_value("webhook_deliveries_total", {"outcome": "deferred"}):
             await world.produce(make_event(shop))
             await asyncio.sleep(0.2)  # the endpoint must hang for a second to count as slow
-    assert len(slow.requests) == 2
+    assert len(slow.requests) == 1
+    reason = {"reason": "webhook_backlog"}
+    assert registry.get_sample_value(
+        "webhook_deferrals_total", reason
+    ) == registry.get_sample_value("webhook_deliveries_total", {"outcome": "deferred"})
     consumer = AIOKafkaConsumer(
         deferral_topic(settings), bootstrap_servers=KAFKA, auto_offset_reset="earliest",
         group_id=f"check-{uuid.uuid4().hex[:8]}",

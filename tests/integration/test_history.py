@@ -33,6 +33,7 @@ from tests.integration.support import (
     Running,
     World,
     make_event,
+    metric,
     needs_own_stack,
     stack,
 )
@@ -45,7 +46,8 @@ ATTEMPT_FIELDS = {
     "outcome", "status", "error", "entity_ids", "trigger",
 }  # fmt: skip
 HEALTH_FIELDS = {
-    "last_attempt_at", "last_success_at", "last_failure_at", "consecutive_failures", "state"
+    "last_attempt_at", "last_success_at", "last_failure_at", "consecutive_failures", "state",
+    "disabled_at", "disabled_reason",
 }  # fmt: skip
 FAILURE_TEXT = "database on fire"
 LONG_BODY = FAILURE_TEXT + " " + "x" * 10_000  # more than the 4 KiB excerpt kept
@@ -174,7 +176,8 @@ async def test_a_delivered_event_appears_with_its_fields_and_makes_the_webhook_h
     api = await integrator(world.store, world.shop, running)
     assert await api.health(webhook.id) == {
         "last_attempt_at": None, "last_success_at": None, "last_failure_at": None,
-        "consecutive_failures": 0, "state": "unknown",
+        "consecutive_failures": 0, "state": "unknown", "disabled_at": None,
+        "disabled_reason": None,
     }  # fmt: skip
     before = datetime.now(UTC) - timedelta(seconds=1)
     await world.produce(make_event(world.shop, entity={"id": 42, "uuid": str(uuid.uuid4())}))
@@ -196,6 +199,7 @@ async def test_a_delivered_event_appears_with_its_fields_and_makes_the_webhook_h
     assert await api.health(webhook.id) == {
         "last_attempt_at": attempt["attempted_at"], "last_success_at": attempt["attempted_at"],
         "last_failure_at": None, "consecutive_failures": 0, "state": "healthy",
+        "disabled_at": None, "disabled_reason": None,
     }  # fmt: skip
 
 
@@ -567,3 +571,53 @@ async def test_a_response_body_with_nul_bytes_is_recorded_not_refused(pool: asyn
     )
     assert row is not None
     assert row["response_body"] == "bin\ufffdary" and "\x00" not in row["request_body"]
+
+
+async def test_the_recorder_writes_every_kind_of_record_on_the_topic_and_refuses_the_bad(
+    world: World, pool: asyncpg.Pool
+) -> None:
+    """PostgreSQL decodes the attempt topic's JSON (the recorder's fast path); what it
+    cannot take (NUL escapes, a day with no partition, a value not JSON) goes through the
+    checked path: each good attempt becomes one row, a replay adds none, and records not of
+    the attempt record's shape are left out and counted as recorder errors."""
+    running = await world.start()
+    webhook_id, now = uuid.uuid4(), time.time()
+    good = [record(webhook_id, now - 3, ok=True), record(webhook_id, now - 2, ok=False)]
+    nul = replace(record(webhook_id, now - 1, ok=False), response_body="bin\x00ary")
+    old = record(webhook_id, now - 50 * 86400, ok=False)  # its day has no partition
+    wrong = orjson.loads(record(webhook_id, now, ok=True).encode())
+    wrong["outcome"] = "teleported"
+    topic = world.settings.attempt_topic
+    errors_before = await metric(running.base_url, "webhook_recorder_errors_total")
+    values = [
+        b"[" + b",".join(r.encode() for r in good) + b"]",
+        b"[" + nul.encode() + b"]",
+        b"[" + old.encode() + b"]",
+        orjson.dumps([wrong]),
+        b"not json at all",
+        b"[" + good[0].encode() + b"]",  # a replay
+    ]
+    for value in values:
+        await (await world.producer.send(topic, value))
+
+    async def written() -> int:
+        return int(
+            await pool.fetchval(
+                "SELECT count(*) FROM webhook_attempts WHERE webhook_id = $1", webhook_id
+            )
+        )
+
+    async with asyncio.timeout(WAIT):
+        while await written() < 4:
+            await asyncio.sleep(0.1)  # polling with a deadline: the recorder is async
+        while await metric(running.base_url, "webhook_recorder_errors_total") < errors_before + 2:
+            await asyncio.sleep(0.1)
+    rows = await pool.fetch(
+        "SELECT id, outcome, response_body FROM webhook_attempts WHERE webhook_id = $1",
+        webhook_id,
+    )
+    assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in [*good, nul, old])
+    kept = {str(r["id"]): r["response_body"] for r in rows}
+    assert kept[str(nul.id)] == "bin\ufffdary"
+    health = await health_row(pool, webhook_id)
+    assert health["consecutive_failures"] == 2  # the failure of good[1], then the NUL one

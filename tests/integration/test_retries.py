@@ -11,6 +11,7 @@ from email.message import Message
 import pytest
 from aiohttp import web
 from aiokafka.structs import TopicPartition
+from structlog.testing import capture_logs
 
 from tests.integration.support import WAIT, Mailbox, World, end_offset, make_event
 
@@ -155,10 +156,15 @@ async def test_deleting_the_webhook_stops_its_pending_retries(retry_world: World
     await retry_world.store.delete_webhook(retry_world.shop.environment_id, webhook.id)
 
     registry = running.daemon.metrics.registry
-    async with asyncio.timeout(WAIT):
-        while not registry.get_sample_value("webhook_retries_dropped_total"):
-            await asyncio.sleep(0.05)  # polling a counter with a deadline
+    reason = {"reason": "webhook_deleted_before_retry"}
+    with capture_logs() as logs:
+        async with asyncio.timeout(WAIT):
+            while not registry.get_sample_value("webhook_retries_dropped_total", reason):
+                await asyncio.sleep(0.05)  # polling a counter with a deadline
     assert len(receiver.requests) == 1
+    (line,) = [e for e in logs if e["event"] == "retry_dropped"]
+    assert line["webhook_id"] == str(webhook.id) and line["n_retry"] == 1
+    assert line["reason"] == "webhook deleted before the retry was due"
 
 
 async def test_retry_after_longer_than_the_delay_is_honoured(retry_world: World) -> None:

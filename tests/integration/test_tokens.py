@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from dispatcher import catalog
 from dispatcher.api import create_app
 from dispatcher.client import HttpClient
+from dispatcher.recovery import Jobs
 from dispatcher.settings import Settings
 from dispatcher.store import Store, hash_token
 from tests.integration.support import WAIT
@@ -66,7 +67,13 @@ async def client(
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     """A client of the API over the same database as the CLI."""
     async with HttpClient.from_settings(settings) as http:
-        app = create_app(store=Store(pool), catalog=catalog.load(), http=http, settings=settings)
+        app = create_app(
+            store=Store(pool),
+            catalog=catalog.load(),
+            http=http,
+            settings=settings,
+            jobs=Jobs(pool),
+        )
         async with TestClient(TestServer(app)) as test_client:
             yield test_client
 

@@ -26,6 +26,8 @@ def test_defaults_point_at_the_local_stack() -> None:
         ("DISPATCHER_HTTP_PORT", "abc", "expected an integer from 1 to 65535, got 'abc'"),
         ("DISPATCHER_HTTP_PORT", "70000", "expected an integer from 1 to 65535, got '70000'"),
         ("DISPATCHER_MAX_RETRIES", "-1", "expected an integer >= 0, got '-1'"),
+        ("DISPATCHER_KAFKA_METADATA_MAX_AGE_MS", "10", "expected an integer >= 1000, got '10'"),
+        ("DISPATCHER_KAFKA_REQUEST_TIMEOUT_MS", "5000", "expected an integer >= 10001"),
         ("DISPATCHER_RETRY_DELAY_SECONDS", "soon", "expected a number of seconds, got 'soon'"),
         ("DISPATCHER_RETRY_DELAY_SECONDS", "0", "expected a number of seconds > 0, got '0'"),
         ("DISPATCHER_EVENT_TOPICS", " , ", "expected a comma-separated list of topic names"),
@@ -33,6 +35,10 @@ def test_defaults_point_at_the_local_stack() -> None:
         ("DISPATCHER_ALLOW_PRIVATE_TARGETS", "10.0.0.0/33", "'10.0.0.0/33' is not a CIDR"),
         ("DISPATCHER_SMTP_TLS", "maybe", "expected one of none, starttls, tls, got 'maybe'"),
         ("DISPATCHER_DATABASE_URL", "mysql://x", "expected a postgresql:// URL"),
+        ("DISPATCHER_WEBHOOK_SHARE_OF_ENDPOINT", "0", "expected a fraction above 0 and at most 1"),
+        ("DISPATCHER_WEBHOOK_SHARE_OF_ENDPOINT", "1.5", "expected a fraction above 0"),
+        ("DISPATCHER_WEBHOOK_SHARE_OF_ENDPOINT", "nan", "expected a fraction above 0"),
+        ("DISPATCHER_MIN_IN_FLIGHT_PER_ENDPOINT", "0", "expected an integer >= 1, got '0'"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, message: str) -> None:

@@ -1,0 +1,186 @@
+"""Disabling a webhook whose every attempt has failed for days, and the one email saying so.
+
+After each write of the delivery history the recorder tells the :class:`Disabler` which
+webhooks had failed attempts in it. A webhook is disabled when it has at least
+``MIN_FAILURES`` attempts since its last success, all failed, the first of them at least
+``DISPATCHER_DISABLE_AFTER_HOURS`` ago (0 disables nothing). A disabled webhook gets no
+attempts: its events are counted (``webhook_events_skipped{reason="webhook_disabled"}``)
+and not sent. Its owner gets one email, saying how to enable it again
+(``POST /webhooks/{id}/enable``, with ``recover_since`` to get what was missed): the
+disable and "mail pending" are one UPDATE, and the flag is cleared once SMTP accepted the
+mail, so a crash in between sends it again rather than never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import uuid
+from collections.abc import Mapping
+from email.message import EmailMessage
+from email.utils import make_msgid
+from typing import Any
+
+import aiosmtplib
+import asyncpg
+import structlog
+
+from dispatcher.backoff import Backoff
+from dispatcher.notification import iso_millis
+from dispatcher.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+MIN_FAILURES = 10  # failed attempts in a row before a webhook may be disabled
+CHECK_SECONDS = 1.0  # noted webhooks are checked this often
+MAIL_SWEEP_SECONDS = 60.0  # pending mails (of a crashed process) are looked for this often
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+_DISABLE = """
+UPDATE webhooks w
+SET disabled_at = now(),
+    disabled_reason = format('every attempt failed for %s hours (%s attempts in a row)',
+                             $2::float8, h.consecutive_failures),
+    disabled_mail_pending = true
+FROM webhook_health h
+WHERE w.id = h.webhook_id AND w.id = ANY($1::uuid[]) AND w.disabled_at IS NULL
+  AND h.consecutive_failures >= $3
+  AND coalesce(h.last_success_at, '-infinity') < h.last_failure_at
+  AND (SELECT min(a.attempted_at) FROM webhook_attempts a
+       WHERE a.webhook_id = w.id
+         AND a.attempted_at > coalesce(h.last_success_at, '-infinity'))
+      <= now() - make_interval(secs => $2::float8 * 3600)
+RETURNING w.id
+"""
+
+
+class Disabler:
+    """Disables webhooks that fail for too long, and mails their owners once."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._hours = settings.disable_after_hours
+        self._noted: set[uuid.UUID] = set()
+        self._wake = asyncio.Event()
+        self._wake.set()  # mails pending from before a restart go out at start
+
+    @property
+    def enabled(self) -> bool:
+        return self._hours > 0
+
+    def note(self, webhook_ids: set[uuid.UUID]) -> None:
+        """These webhooks had failed attempts in a batch just written."""
+        if self.enabled and webhook_ids:
+            self._noted |= webhook_ids
+
+    async def check(self, webhook_ids: set[uuid.UUID]) -> list[uuid.UUID]:
+        """Disable those of ``webhook_ids`` that failed for too long; the ones disabled."""
+        if not self.enabled or not webhook_ids:
+            return []
+        rows = await self._pool.fetch(_DISABLE, list(webhook_ids), self._hours, MIN_FAILURES)
+        disabled = [r["id"] for r in rows]
+        for webhook_id in disabled:
+            log.warning("webhook_disabled", webhook_id=str(webhook_id), hours=self._hours)
+        if disabled:
+            self._wake.set()
+        return disabled
+
+    async def run(self) -> None:
+        """Check the noted webhooks every ``CHECK_SECONDS``; mail what is pending; a
+        long-lived task."""
+        backoff = Backoff(first=1.0, cap=60.0)
+        since_sweep = MAIL_SWEEP_SECONDS
+        while True:
+            try:
+                if self._noted:
+                    noted, self._noted = self._noted, set()
+                    try:
+                        await self.check(noted)
+                    except BaseException:
+                        self._noted |= noted
+                        raise
+                if self._wake.is_set() or since_sweep >= MAIL_SWEEP_SECONDS:
+                    self._wake.clear()
+                    since_sweep = 0.0
+                    await self.mail_pending()
+            except (*DATABASE_ERRORS, aiosmtplib.SMTPException) as exc:
+                delay = backoff.next()
+                log.warning("webhook_disable_check_failed", error=repr(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)  # backoff while PostgreSQL or SMTP is down
+                self._wake.set()
+                continue
+            backoff.reset()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHECK_SECONDS):  # a timer: the check's period
+                    await self._wake.wait()
+            since_sweep += CHECK_SECONDS
+
+    async def mail_pending(self) -> int:
+        """Send the email of every webhook disabled and not yet mailed; the mails sent."""
+        rows = await self._pool.fetch(
+            "SELECT id, environment_id, entity_name, event_type, url, email, disabled_at, "
+            "disabled_reason FROM webhooks WHERE disabled_mail_pending"
+        )
+        for row in rows:
+            await self._send(render(dict(row.items()), self._settings.smtp_sender))
+            await self._pool.execute(
+                "UPDATE webhooks SET disabled_mail_pending = false "
+                "WHERE id = $1 AND disabled_at = $2",
+                row["id"],
+                row["disabled_at"],
+            )
+            log.info("webhook_disabled_mail_sent", webhook_id=str(row["id"]))
+        return len(rows)
+
+    async def _send(self, message: EmailMessage) -> None:
+        s = self._settings
+        await aiosmtplib.send(
+            message,
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            username=s.smtp_user or None,
+            password=s.smtp_password or None,
+            use_tls=s.smtp_tls == "tls",
+            start_tls=s.smtp_tls == "starttls",
+            timeout=30,
+        )
+
+
+def render(row: Mapping[str, Any], sender: str) -> EmailMessage:
+    """The email telling a webhook's owner it was disabled, and how to enable it."""
+    webhook_id = str(row["id"])
+    what = f"{row['entity_name']} {row['event_type']}"
+    when = iso_millis(row["disabled_at"])
+    facts = [
+        ("Webhook", webhook_id),
+        ("URL", str(row["url"])),
+        ("Entity/event", what),
+        ("Disabled at", when),
+        ("Why", str(row["disabled_reason"] or "")),
+    ]
+    how = (
+        f"Nothing is sent to it until it is enabled again: POST /webhooks/{webhook_id}/enable "
+        'with your token. To also receive what was missed, send {"recover_since": '
+        '"<ISO 8601 time>"} in that request: every event since then is sent again.'
+    )
+    intro = "Your webhook was disabled: every delivery attempt to it failed."
+    text = "\n".join([intro, "", *(f"{k}: {v}" for k, v in facts), "", how]) + "\n"
+    cells = "".join(
+        f"<tr><th align='left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+        for k, v in facts
+    )
+    body_html = (
+        f"<html><body><p>{html.escape(intro)}</p><table>{cells}</table>"
+        f"<p>{html.escape(how)}</p></body></html>"
+    )
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = str(row["email"])
+    message["Subject"] = f"Webhook disabled: {what} to {row['url']}"
+    message["Message-ID"] = make_msgid(idstring=f"disabled.{webhook_id}")
+    message["X-Webhook-Disabled"] = webhook_id
+    message.set_content(text)
+    message.add_alternative(body_html, subtype="html")
+    return message
