@@ -28,6 +28,7 @@ import structlog
 
 from dispatcher.backoff import Backoff
 from dispatcher.notification import iso_millis
+from dispatcher.recorder import DATABASE_ERRORS
 from dispatcher.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -35,7 +36,6 @@ log = structlog.get_logger(__name__)
 MIN_FAILURES = 10  # failed attempts in a row before a webhook may be disabled
 CHECK_SECONDS = 1.0  # noted webhooks are checked this often
 MAIL_SWEEP_SECONDS = 60.0  # pending mails (of a crashed process) are looked for this often
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 _DISABLE = """
 UPDATE webhooks w

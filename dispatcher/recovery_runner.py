@@ -37,6 +37,7 @@ from dispatcher.client import Outcome
 from dispatcher.events import Event, InvalidEvent, decode
 from dispatcher.history import History, Trigger
 from dispatcher.notification import Notification
+from dispatcher.recorder import DATABASE_ERRORS
 from dispatcher.recovery import (
     Counts,
     Job,
@@ -58,7 +59,6 @@ MAX_JOBS = 4  # jobs one process runs at once
 REFRESH_SECONDS = 30.0  # a running job reads its webhook again this often (secret, state)
 PAUSE_SECONDS = 10.0  # a job paused by an outage is taken again after this
 WINDOW = 8  # notifications of one replay sent (or waiting for their endpoint) at once
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,7 +174,7 @@ async def _recovery_attempts(api: Client, webhook: Webhook, count: int) -> bool:
     """The history shows ``count`` recovery attempts (never more)."""
     got = sum(a["trigger"] == "recovery" for a in await api.attempts(webhook))
     assert got <= count
-    return got == count
+    return bool(got == count)
 
 
 async def _recorded(api: Client, webhook: Webhook, count: int) -> bool:
