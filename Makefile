@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) tools/stack.py
 
-.PHONY: install run test unit lint stack stack-down stack-status bench soak clean
+.PHONY: install run test unit lint stack stack-down stack-status bench soak screenshots clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ test: install
 ## The unit tests alone: pure logic, no service needed (the stack may be down); seconds.
 unit: install
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+## The portal's screenshots in docs/portal/ (docs/portal.md), taken by its browser tests.
+screenshots: install
+	DISPATCHER_STACK_PG_FAST=1 $(STACK) up
+	PORTAL_SCREENSHOTS=docs/portal $(PY) -m pytest tests/integration/test_portal.py $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,9 @@ own, like the dispatcher. It keeps ``--concurrency`` requests in flight over one
 connection pool (the dispatcher's ``DISPATCHER_MAX_IN_FLIGHT``), sends ``--count``
 copies of the body in ``--body`` with headers shaped like the dispatcher's, and prints
 one JSON line: requests, errors, seconds, requests/s. Nothing else happens per request
-(no Kafka, no signing, no bookkeeping): it is what this machine can do over HTTPS.
+(no Kafka, no signing, no bookkeeping): it is what this machine can do over HTTPS. It runs
+on uvloop, like the dispatcher by default (``--loop asyncio`` for the standard loop), so
+that the ratio of the two compares the same event loop.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import uvloop
 
 # Same header set as a real delivery (values of the same size, no HMAC computed).
 HEADERS = {
@@ -83,10 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--concurrency", type=int, required=True)
     parser.add_argument("--ca", required=True, help="CA bundle (PEM) of the receiver")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     args = parser.parse_args(argv)
     body = Path(args.body).read_bytes()
-    result = asyncio.run(blast(args.url, body, args.count, args.concurrency, args.ca))
-    print(orjson.dumps(result).decode(), flush=True)
+    factory = uvloop.new_event_loop if args.loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        result = runner.run(blast(args.url, body, args.count, args.concurrency, args.ca))
+    print(orjson.dumps({**result, "loop": args.loop}).decode(), flush=True)
     return 0 if result["errors"] == 0 else 1
 
 

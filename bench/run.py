@@ -3,13 +3,16 @@
 Runs against the local stack (``make stack``), with its own database, topics, consumer
 group, TLS certificates and processes, all on 127.0.0.1 and all removed at the end:
 
-1. ceiling: a bare aiohttp client (``bench/ceiling.py``) POSTs N bodies of the same size
-   to the receiver with the dispatcher's concurrency; its requests/s is the baseline. It
-   runs three times (start, mid, end): each ratio uses the two runs around its scenario.
+1. ceiling: a bare aiohttp client on uvloop (``bench/ceiling.py``) POSTs N bodies of the
+   same size to the receiver with the dispatcher's concurrency; its requests/s is the
+   baseline. It runs three times (start, mid, end): each ratio uses the two runs around its
+   scenario (``--only throughput`` runs start, throughput, latency, mid).
 2. throughput: N events pre-produced, then ``dispatcher run`` started; deliveries/s from
    the first to the last receipt, dispatcher CPU per 1,000 deliveries, peak RSS.
 3. latency: the same dispatcher, events produced at a fixed rate; event time -> receipt.
-4. import: N item events of one import, pre-produced; entities/s and requests/s.
+4. import: N item events of one import, pre-produced; entities/s and requests/s, and
+   entities/s against 80 x the bare client's requests/s POSTing an 80-entity batch's body
+   one at a time (the batch ceiling, run just before; ``--only import``).
 5. info: the throughput scenario again with DISPATCHER_LOG_LEVEL=info (one log line per
    delivery), to price the canonical log line.
 6. history: the throughput scenario four times, with the attempt log (the delivery
@@ -22,10 +25,15 @@ group, TLS certificates and processes, all on 127.0.0.1 and all removed at the e
    200,000 events of other shops and 1,000 of one webhook's shop (``bench/replay.py``):
    events scanned/s, against a bare consumer reading the same range (``--only replay``).
 9. memory: RSS of an idle, ready dispatcher with the run's subscriptions, then with
-   100,000 of them, idle and after N deliveries spread over N of those shops.
+   100,000 of them, idle and after N deliveries spread over N of those shops; last of a
+   full run, ``--million`` (1,000,000) subscriptions: time to ready, RSS, bytes per
+   subscription (``--only memory`` runs both).
 10. fairness: one endpoint serving 50 webhooks, 3 of them answering after 3 s, at 100
     events/s with the default per-endpoint limits (``bench/fairness.py``): the latency of
     the other 47, production to receipt (``--only fairness``).
+11. processes: the throughput scenario with DISPATCHER_PROCESSES 1, 2, 2, 1: deliveries/s
+    of two processes under the supervisor against one (``bench/processes.py``,
+    ``--only processes``).
 
 The receiver (``bench/receiver.py``) is a separate process; so are the dispatcher and the
 ceiling client. Every figure is printed as a table and written to
@@ -68,6 +76,7 @@ from bench import (
     gctrace,
     infra,
     mails,
+    processes,
     procstat,
     profiling,
     replay,
@@ -101,6 +110,7 @@ class Options:
     latency_seconds: float = 15.0
     import_entities: int = 100_000
     subscriptions: int = 100_000
+    million: int = 1_000_000
     info_events: int = 20_000
     history_events: int = 20_000
     notices: int = 10_000
@@ -120,7 +130,7 @@ class Options:
     gc_trace: bool = False
     keep: bool = False
     show: str = ""
-    only: str = ""  # "history" or "notices": that scenario alone
+    only: str = ""  # one scenario alone (--only)
 
 
 @dataclass
@@ -260,18 +270,27 @@ async def deliveries(
 # --- scenarios ----------------------------------------------------------------------------
 
 
-async def ceiling(ctx: Context, label: str) -> dict[str, Any]:
-    """The bare aiohttp client against the same receiver: the baseline."""
+async def ceiling(
+    ctx: Context, label: str, *, batch: int = 0, concurrency: int = 0, count: int = 0
+) -> dict[str, Any]:
+    """The bare aiohttp client against the same receiver: the baseline. With ``batch``,
+    its bodies are those of an import batch of that many entities."""
     phase = f"ceiling_{label}"
     body = ctx.work / f"{phase}.json"
-    body.write_bytes(workload.sample_body(workload.sale(phase, ctx.opts.shops), phase))
+    if batch:
+        make = workload.import_item(f"{ctx.tag}-{phase}", batch, phase=phase)
+        body.write_bytes(workload.batch_body(make, phase, batch))
+    else:
+        body.write_bytes(workload.sample_body(workload.sale(phase, ctx.opts.shops), phase))
+    count = count or ctx.opts.events
+    concurrency = concurrency or ctx.opts.max_in_flight
     argv = [sys.executable, "-m", "bench.ceiling", "--url", ctx.receiver.url(phase)]
-    argv += ["--body", str(body), "--count", str(ctx.opts.events)]
-    argv += ["--concurrency", str(ctx.opts.max_in_flight), "--ca", ctx.tls.ca_file]
+    argv += ["--body", str(body), "--count", str(count)]
+    argv += ["--concurrency", str(concurrency), "--ca", ctx.tls.ca_file]
     child = await infra.spawn(phase, argv, log_path=ctx.work / f"{phase}.log", stdout_pipe=True)
     ctx.sampler.track("ceiling client", lambda: [child.pid])
     try:
-        client = await infra.read_json_line(child, wait_budget(ctx.opts.events))
+        client = await infra.read_json_line(child, wait_budget(count))
         stats = (await ctx.receiver.stats())[phase]
         window = ctx.sampler.window(stats["first_arrival"], stats["last_arrival"])
     finally:
@@ -281,6 +300,8 @@ async def ceiling(ctx: Context, label: str) -> dict[str, Any]:
         raise BenchError(f"the ceiling client had {client['errors']} errors\n{child.tail()}")
     result = {
         "requests": client["requests"],
+        "concurrency": concurrency,
+        "loop": client.get("loop"),
         "client_requests_per_s": client["requests_per_s"],
         "requests_per_s": stats["requests_per_s"],  # first -> last receipt, like the rest
         "body_bytes": stats["mean_body_bytes"],
@@ -291,6 +312,13 @@ async def ceiling(ctx: Context, label: str) -> dict[str, Any]:
     }
     ctx.say(f"ceiling {label}: {result['requests_per_s']} requests/s")
     return result
+
+
+async def batch_ceiling(ctx: Context) -> dict[str, Any]:
+    """The import's baseline: the bare client POSTing bodies of an import batch's size
+    one at a time, as one import's batches go out (in order, one after the other)."""
+    count = max(200, ctx.opts.import_entities // IMPORT_BATCH_SIZE)
+    return await ceiling(ctx, "batch", batch=IMPORT_BATCH_SIZE, concurrency=1, count=count)
 
 
 async def throughput_and_latency(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -593,6 +621,34 @@ async def loaded_memory(ctx: Context, running: Dispatcher, shops: int) -> dict[s
     }
 
 
+async def million(ctx: Context, base: dict[str, Any]) -> dict[str, Any]:
+    """The large load: webhooks topped up to ``--million``, then a fresh dispatcher: time
+    from start to ready (the cache loaded), RSS idle, and bytes per subscription above
+    ``base`` (the memory scenario's idle dispatcher with the run's 10,001 webhooks)."""
+    have = await workload.count_webhooks(ctx.database_url)
+    missing = max(0, ctx.opts.million - have)
+    start = time.perf_counter()
+    chunk = 100_000  # rows built and copied at a time: the driver stays small
+    for low in range(0, missing, chunk):
+        high = min(low + chunk, missing)
+        await workload.insert_webhooks(
+            ctx.database_url,
+            (f"bench-million-{i:07d}" for i in range(low, high)),  # shops with no events
+            entity_name="sales",
+            event_type="CLOSED",
+            url_of=ctx.receiver.url,
+        )
+    ctx.say(f"million: {missing} more webhooks inserted in {time.perf_counter() - start:.1f} s")
+    async with dispatcher(ctx, "memory-million") as running:
+        result = await idle_memory(ctx, running)
+    extra = result["subscriptions"] - base["subscriptions"]
+    if extra > 0 and result["rss_mb"] is not None and base["rss_mb"] is not None:
+        per = (result["rss_mb"] - base["rss_mb"]) * 1e6 / extra
+        result["bytes_per_subscription"] = round(per)
+    result["baseline"] = base
+    return result
+
+
 async def top_up_subscriptions(ctx: Context) -> int:
     """Add sales/CLOSED webhooks of new shops up to ``--subscriptions`` webhooks in all;
     the number of shops with a sales webhook (shop indices 0 to that number - 1)."""
@@ -712,10 +768,28 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
     if ctx.opts.only == "replay":
         results["replay"] = await replay.replay(ctx)
         return
+    if ctx.opts.only == "processes":
+        results["processes"] = await processes.processes(ctx, dispatcher, deliveries)
+        return
+    if ctx.opts.only == "memory":
+        results["memory"] = await memory(ctx)
+        results["memory_1m"] = await million(ctx, results["memory"]["baseline"])
+        return
     runs = results["ceiling"] = {"runs": {}}
+    if ctx.opts.only == "import":
+        runs["runs"]["mid"] = await ceiling(ctx, "mid")
+        results["ceiling_batch"] = await batch_ceiling(ctx)
+        results["import"] = await imports(ctx)
+        runs["runs"]["end"] = await ceiling(ctx, "end")
+        return
     runs["runs"]["start"] = await ceiling(ctx, "start")
     results["throughput"], results["latency"] = await throughput_and_latency(ctx)
     runs["runs"]["mid"] = await ceiling(ctx, "mid")
+    if ctx.opts.only == "throughput":
+        if ctx.opts.profile:
+            results["profile"] = profiling.summarize(ctx.work / "dispatcher-throughput.prof")
+        return
+    results["ceiling_batch"] = await batch_ceiling(ctx)
     results["import"] = await imports(ctx)
     if not ctx.opts.skip_info:
         results["throughput_info"] = await info_level(ctx)
@@ -725,6 +799,9 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
     results["replay"] = await replay.replay(ctx)
     results["memory"] = await memory(ctx)
     results["fairness"] = await fairness.fairness(ctx, dispatcher, deliveries)
+    results["processes"] = await processes.processes(ctx, dispatcher, deliveries)
+    # last: every later dispatcher would load the million subscriptions
+    results["memory_1m"] = await million(ctx, results["memory"]["baseline"])
     if ctx.gc_traces:
         attach_gc(ctx.gc_traces, results)
     if ctx.opts.profile:
@@ -795,11 +872,28 @@ def parse(argv: Sequence[str] | None) -> Options:
     )
     p.add_argument(
         "--only",
-        choices=("history", "notices", "replay", "fairness"),
+        choices=(
+            "throughput",
+            "import",
+            "memory",
+            "history",
+            "notices",
+            "replay",
+            "fairness",
+            "processes",
+        ),
         default="",
-        help="run one scenario alone (history: attempt log off/on/on/off, storage per "
-        "attempt; notices: mails/s to the SMTP sink; replay: a replay job's scan rate; "
-        "fairness: 3 slow webhooks among 50 on one endpoint)",
+        help="run one scenario alone (throughput: the ceiling, throughput and latency, the "
+        "ceiling again; import: the ceilings around one import; memory: RSS with 100,000 "
+        "subscriptions, then the load of --million; history: attempt log off/on/on/off, "
+        "storage per attempt; notices: mails/s to the SMTP sink; replay: a replay job's scan "
+        "rate; fairness: 3 slow webhooks among 50 on one endpoint; processes: deliveries/s "
+        "with DISPATCHER_PROCESSES 1, 2, 2, 1)",
+    )
+    p.add_argument(
+        "--million",
+        type=int,
+        help="subscriptions of the large load (default 1000000; quick 300000)",
     )
     p.add_argument(
         "--fairness-seconds", type=float, help="length of the fairness run (30; quick 10)"
@@ -828,6 +922,7 @@ def parse(argv: Sequence[str] | None) -> Options:
         latency_seconds=a.latency_seconds or (5.0 if a.quick else 15.0),
         import_entities=a.import_entities or (10_000 if a.quick else 100_000),
         subscriptions=a.subscriptions,
+        million=a.million or (300_000 if a.quick else 1_000_000),
         info_events=events,
         history_events=a.history_events or (3_000 if a.quick else 20_000),
         notices=a.notices or (2_000 if a.quick else 10_000),
@@ -886,9 +981,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     meta["duration_s"] = round(time.time() - started, 1)
     figures.derive(results)
-    print_results(results)
-    path = report.write_json(infra.ROOT / opts.results_dir, results)
-    print(f"\nresults: {path}  (run took {meta['duration_s']:.0f} s)")
+    try:
+        print_results(results)
+    finally:  # the figures are kept even if the table cannot be printed
+        path = report.write_json(infra.ROOT / opts.results_dir, results)
+        print(f"\nresults: {path}  (run took {meta['duration_s']:.0f} s)")
     return 0
 
 

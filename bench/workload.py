@@ -221,6 +221,15 @@ def sample_body(make: MakeMessage, phase: str) -> bytes:
     return notification.body(0, datetime.now(UTC))
 
 
+def batch_body(make: MakeMessage, phase: str, size: int) -> bytes:
+    """The dispatcher's body for one import batch of ``size`` events of ``make``."""
+    now = time.time()
+    decoded = [events.decode(make(i, now)[1]) for i in range(size)]
+    entities = tuple({**e.entity, "phase": phase} for e in decoded)
+    notification = Notification.for_event(decoded[0], uuid.uuid4(), entities)
+    return notification.body(0, datetime.now(UTC))
+
+
 # --- producing ----------------------------------------------------------------------------
 
 

@@ -231,41 +231,13 @@ class _Handlers:
     ) -> None:
         self._history = history
         self._store = store
-        self._catalog = catalog
-        self._http = http
         self._settings = settings
         self._doc = doc
+        self._webhooks = Webhooks(store, catalog, http, settings, history)
 
     async def create_webhook(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
-        sub = parse_subscription(await _read_json(request), self._catalog)
-        existing = await self._store.find_webhook(
-            principal.environment_id, sub.entity_name, sub.event_type
-        )
-        if existing is not None:
-            raise _duplicate(sub, existing.id)
-        await check_reachable(URL(sub.url), self._settings)
-        secret = new_secret()
-        check = await self._check_endpoint(principal, sub, secret)
-        try:
-            webhook = await self._store.create_webhook(
-                principal,
-                url=sub.url,
-                entity_name=sub.entity_name,
-                event_type=sub.event_type,
-                email=sub.email,
-                secret=secret,
-            )
-        except DuplicateWebhook as exc:  # a concurrent create won the race
-            raise _duplicate(sub, exc.existing_id) from None
-        log.info(
-            "webhook_created",
-            webhook_id=str(webhook.id),
-            environment_id=webhook.environment_id,
-            entity_name=webhook.entity_name,
-            event_type=webhook.event_type,
-        )
-        await self._record_check(webhook, check)
+        webhook = await self._webhooks.create(principal, await _read_json(request))
         location = f"/webhooks/{webhook.id}"
         return _json(webhook.with_secret(), status=201, headers={hdrs.LOCATION: location})
 
@@ -297,63 +269,21 @@ class _Handlers:
     async def list_attempts(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
         webhook = await self._own_webhook(request, principal)
-        history = self._need_history()
-        query = parse_attempt_query(request.query, webhook.id)
-        rows = await history.attempts(query)
-        more = len(rows) > query.limit - 1
-        rows = rows[: query.limit - 1]
-        last = rows[-1] if rows and more else None
-        cursor = Cursor(last["attempted_at"], last["id"]).encode() if last else None
-        return _json({"results": [attempt_json(r) for r in rows], "next_cursor": cursor})
+        page = await self._webhooks.attempts(webhook, request.query)
+        return _json(
+            {"results": [attempt_json(r) for r in page.results], "next_cursor": page.next_cursor}
+        )
 
     async def get_attempt(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
         webhook = await self._own_webhook(request, principal)
-        history = self._need_history()
-        raw = request.match_info["attempt_id"]
-        try:
-            attempt_id = uuid.UUID(raw)
-        except ValueError:
-            raise ApiError(404, f"no attempt with id {raw[:100]!r}") from None
-        row = await history.attempt(webhook.id, attempt_id)
-        if row is None:
-            raise ApiError(404, f"no attempt with id {raw[:100]!r}")
+        row = await self._webhooks.attempt(webhook, request.match_info["attempt_id"])
         return _json(attempt_json(row, with_bodies=True))
-
-    def _need_history(self) -> History:
-        if self._history is None:
-            raise ApiError(
-                404, "the delivery history is off on this server (DISPATCHER_ATTEMPT_LOG=off)"
-            )
-        return self._history
-
-    async def _record_check(self, webhook: Webhook, check: _Check) -> None:
-        """The SUBSCRIBED test is an attempt of the webhook's history too."""
-        if self._history is None:
-            return
-        notification = Notification(
-            check.msg_id, webhook.id, "SUBSCRIBED", webhook.entity_name,
-            webhook.environment_id, webhook.client_id, None, (),
-        )  # fmt: skip
-        record = AttemptRecord.of(
-            notification, webhook.environment_id, 0,
-            at=check.at, body=check.body, outcome=check.outcome, trigger="subscribe",
-        )  # fmt: skip
-        try:
-            await self._history.write([record])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning(
-                "subscribe_attempt_not_recorded", webhook_id=str(webhook.id), error=repr(exc)
-            )
 
     async def delete_webhook(self, request: web.Request) -> web.Response:
         principal = await _authenticate(request, self._store)
         webhook = await self._own_webhook(request, principal)
-        if not await self._store.delete_webhook(principal.environment_id, webhook.id):
-            raise _not_found(request)  # deleted by a concurrent request
-        log.info(
-            "webhook_deleted", webhook_id=str(webhook.id), environment_id=webhook.environment_id
-        )
+        await self._webhooks.delete(webhook, request.match_info["id"])
         return web.Response(status=204)
 
     async def get_secret(self, request: web.Request) -> web.Response:
@@ -392,10 +322,130 @@ class _Handlers:
 
     async def _own_webhook(self, request: web.Request, principal: Principal) -> Webhook:
         """The webhook of the path if it is the principal's shop's, else 404."""
-        webhook = await self._store.get_webhook(principal.environment_id, _webhook_id(request))
+        return await self._webhooks.own(principal, request.match_info["id"])
+
+
+class Webhooks:
+    """What a shop does with its webhooks, for the API's handlers and the portal
+    (:mod:`dispatcher.portal`) alike: each refusal is an :class:`ApiError`, whose status,
+    message and ``field`` both show as they can."""
+
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        http: HttpClient,
+        settings: Settings,
+        history: History | None,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._http = http
+        self._settings = settings
+        self._history = history
+
+    async def own(self, principal: Principal, raw_id: str) -> Webhook:
+        """The webhook of this id (as written in a path) if it is the principal's shop's;
+        404 otherwise, the same for a missing webhook and another shop's."""
+        try:
+            webhook_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise _no_webhook(raw_id) from None
+        webhook = await self._store.get_webhook(principal.environment_id, webhook_id)
         if webhook is None:
-            raise _not_found(request)
+            raise _no_webhook(raw_id)
         return webhook
+
+    async def create(self, principal: Principal, data: object) -> Webhook:
+        """Validate a ``POST /webhooks`` body (decoded), check the URL's host, POST the
+        signed SUBSCRIBED test and keep the webhook only if it got 200."""
+        sub = parse_subscription(data, self._catalog)
+        existing = await self._store.find_webhook(
+            principal.environment_id, sub.entity_name, sub.event_type
+        )
+        if existing is not None:
+            raise _duplicate(sub, existing.id)
+        await check_reachable(URL(sub.url), self._settings)
+        secret = new_secret()
+        check = await self._check_endpoint(principal, sub, secret)
+        try:
+            webhook = await self._store.create_webhook(
+                principal,
+                url=sub.url,
+                entity_name=sub.entity_name,
+                event_type=sub.event_type,
+                email=sub.email,
+                secret=secret,
+            )
+        except DuplicateWebhook as exc:  # a concurrent create won the race
+            raise _duplicate(sub, exc.existing_id) from None
+        log.info(
+            "webhook_created",
+            webhook_id=str(webhook.id),
+            environment_id=webhook.environment_id,
+            entity_name=webhook.entity_name,
+            event_type=webhook.event_type,
+        )
+        await self._record_check(webhook, check)
+        return webhook
+
+    async def delete(self, webhook: Webhook, raw_id: str) -> None:
+        """Unsubscribe; 404 if a concurrent request deleted it first."""
+        if not await self._store.delete_webhook(webhook.environment_id, webhook.id):
+            raise _no_webhook(raw_id)
+        log.info(
+            "webhook_deleted", webhook_id=str(webhook.id), environment_id=webhook.environment_id
+        )
+
+    async def attempts(self, webhook: Webhook, query: Mapping[str, str]) -> AttemptsPage:
+        """One page of the webhook's attempts, newest first, filtered by ``query`` (the
+        parameters of ``GET /webhooks/{id}/attempts``; 400 naming a bad one)."""
+        history = self._need_history()
+        parsed = parse_attempt_query(query, webhook.id)
+        rows = await history.attempts(parsed)
+        more = len(rows) > parsed.limit - 1
+        rows = rows[: parsed.limit - 1]
+        last = rows[-1] if rows and more else None
+        cursor = Cursor(last["attempted_at"], last["id"]).encode() if last else None
+        return AttemptsPage(rows, cursor)
+
+    async def attempt(self, webhook: Webhook, raw_id: str) -> asyncpg.Record:
+        """One attempt of the webhook, with its bodies; 404 if it has none of this id."""
+        history = self._need_history()
+        try:
+            attempt_id = uuid.UUID(raw_id)
+        except ValueError:
+            raise ApiError(404, f"no attempt with id {raw_id[:100]!r}") from None
+        row = await history.attempt(webhook.id, attempt_id)
+        if row is None:
+            raise ApiError(404, f"no attempt with id {raw_id[:100]!r}")
+        return row
+
+    def _need_history(self) -> History:
+        if self._history is None:
+            raise ApiError(
+                404, "the delivery history is off on this server (DISPATCHER_ATTEMPT_LOG=off)"
+            )
+        return self._history
+
+    async def _record_check(self, webhook: Webhook, check: _Check) -> None:
+        """The SUBSCRIBED test is an attempt of the webhook's history too."""
+        if self._history is None:
+            return
+        notification = Notification(
+            check.msg_id, webhook.id, "SUBSCRIBED", webhook.entity_name,
+            webhook.environment_id, webhook.client_id, None, (),
+        )  # fmt: skip
+        record = AttemptRecord.of(
+            notification, webhook.environment_id, 0,
+            at=check.at, body=check.body, outcome=check.outcome, trigger="subscribe",
+        )  # fmt: skip
+        try:
+            await self._history.write([record])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning(
+                "subscribe_attempt_not_recorded", webhook_id=str(webhook.id), error=repr(exc)
+            )
 
     async def _check_endpoint(self, principal: Principal, sub: Subscription, secret: str) -> _Check:
         """POST the signed SUBSCRIBED test message; 422 saying why unless it got 200."""
@@ -420,6 +470,14 @@ class _Handlers:
             kind="endpoint_check_failed",
             field="url",
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptsPage:
+    """A page of attempts (history rows, newest first) and the cursor of the next one."""
+
+    results: list[asyncpg.Record]
+    next_cursor: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,8 +794,11 @@ def _webhook_id(request: web.Request) -> uuid.UUID:
 
 
 def _not_found(request: web.Request) -> ApiError:
-    raw = request.match_info.get("id", "")
-    return ApiError(404, f"no webhook with id {raw[:100]!r}")
+    return _no_webhook(request.match_info.get("id", ""))
+
+
+def _no_webhook(raw_id: str) -> ApiError:
+    return ApiError(404, f"no webhook with id {raw_id[:100]!r}")
 
 
 # --- responses and errors ---------------------------------------------------------------
@@ -808,6 +869,10 @@ read_json = _read_json
 moment = _moment
 not_found = _not_found
 json_response = _json
+
+
+no_webhook = _no_webhook
+DATABASE_DOWN = _DATABASE_DOWN
 
 
 async def own_webhook(request: web.Request, principal: Principal, store: Store) -> Webhook:

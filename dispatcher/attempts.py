@@ -353,18 +353,25 @@ class Attempts:
     async def _attempt(
         self, webhook: Webhook, notification: Notification, n_retry: int, now: float
     ) -> tuple[bytes, Outcome]:
-        body = notification.body(n_retry, datetime.fromtimestamp(now, UTC))
+        body = notification.body(n_retry, float(now))
         # The current secret, and during a rotation's grace period the previous one too.
-        keys = []
-        for secret in webhook.signing_secrets(now):
-            key = self._keys.get(secret)
-            if key is None:
-                if len(self._keys) >= 100_000:  # bounded: secrets of deleted webhooks go away
-                    self._keys.clear()
-                key = self._keys[secret] = signing.secret_key(secret)
-            keys.append(key)
-        headers = signing.headers(keys, notification.notification_uuid, int(now), body)
+        secrets = webhook.signing_secrets(now)
+        key: bytes | list[bytes]
+        if len(secrets) == 1:
+            key = self._key(secrets[0])
+        else:
+            key = [self._key(secret) for secret in secrets]
+        headers = signing.headers(key, notification.notification_uuid, int(now), body)
         return body, await self._http.post(webhook.url, body, headers)
+
+    def _key(self, secret: str) -> bytes:
+        """The HMAC key of a secret, decoded once."""
+        key = self._keys.get(secret)
+        if key is None:
+            if len(self._keys) >= 100_000:  # bounded: secrets of deleted webhooks go away
+                self._keys.clear()
+            key = self._keys[secret] = signing.secret_key(secret)
+        return key
 
 
 def _wake(ticket: Ticket) -> None:

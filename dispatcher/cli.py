@@ -33,7 +33,7 @@ from dispatcher.recovery import (
     check_log_holds,
     check_range,
 )
-from dispatcher.settings import Settings, documentation
+from dispatcher.settings import Settings, documentation, parse_processes
 from dispatcher.store import Store
 
 # What a failure prints after "dispatcher: ", and the exit code, by family (first match).
@@ -83,6 +83,16 @@ def _parser() -> argparse.ArgumentParser:
         help="what this process does: the HTTP API, the event dispatcher, the retry "
         "consumer, or all of them (default: all)",
     )
+    run.add_argument(
+        "--processes",
+        type=_processes,
+        metavar="N|auto",
+        help="consumer processes under one supervisor on the one HTTP port (default: "
+        "DISPATCHER_PROCESSES, 1; auto: the CPUs this process may use)",
+    )
+    # Given by the supervisor to its children (dispatcher/supervisor.py), not by people.
+    run.add_argument("--process-index", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--http-fd", type=int, help=argparse.SUPPRESS)
     sub.add_parser(
         "migrate",
         help="apply database migrations and exit",
@@ -183,6 +193,13 @@ def _attempts_form(args: argparse.Namespace) -> bool:
     return args.webhook is not None or None not in (args.environment_id, args.entity_id)
 
 
+def _processes(text: str) -> int:
+    try:
+        return parse_processes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _moment(text: str) -> datetime:
     """An ISO 8601 time; one without a time zone is UTC."""
     try:
@@ -227,9 +244,15 @@ def _command(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logs.configure(level=settings.log_level, fmt=settings.log_format)
     if args.command == "run":
-        from dispatcher import daemon
+        from dispatcher import daemon, loops, supervisor
 
-        return asyncio.run(daemon.run(settings, role=args.role))
+        if args.process_index is not None:  # a child of a supervisor
+            return loops.run(supervisor.child(settings, args.role, args), settings)
+        processes = settings.processes if args.processes is None else args.processes
+        if processes > 1:
+            # asyncio's loop: the supervisor serves the API and waits on children, no hot path
+            return asyncio.run(supervisor.run(settings, role=args.role, processes=processes))
+        return loops.run(daemon.run(settings, role=args.role), settings)
     if args.command == "migrate":
         applied = asyncio.run(db.migrate_url(settings.database_url))
         structlog.get_logger().info("migrations_done", applied=applied)

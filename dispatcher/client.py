@@ -93,11 +93,6 @@ def parse_url(url: str) -> URL:
     return URL(url)
 
 
-@functools.lru_cache(maxsize=65_536)
-def _literal_blocked(url: str, allowed: tuple[IPNetwork, ...]) -> bool:
-    return literal_blocked(parse_url(url), allowed)
-
-
 def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
     """Whether the URL names a forbidden IP address literally (no resolver involved)."""
     host = url.host or ""
@@ -126,6 +121,9 @@ class HttpClient:
         self._limit = limit
         self._limit_per_host = limit_per_host
         self._session: aiohttp.ClientSession | None = None
+        # URL -> whether it names a forbidden address literally: asked once per URL, not
+        # per delivery (hashing the allowed networks alone is a few Python calls)
+        self._blocked: dict[str, bool] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpClient:
@@ -168,7 +166,12 @@ class HttpClient:
             return round((time.perf_counter() - start) * 1000, 2)
 
         target = parse_url(url)
-        if _literal_blocked(url, self._allowed):
+        blocked = self._blocked.get(url)
+        if blocked is None:
+            if len(self._blocked) >= 65_536:  # bounded: URLs of deleted webhooks go away
+                self._blocked.clear()
+            blocked = self._blocked[url] = literal_blocked(target, self._allowed)
+        if blocked:
             return Outcome(
                 None,
                 "blocked",

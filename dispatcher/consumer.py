@@ -41,6 +41,10 @@ COMMIT_INTERVAL = 0.5  # seconds: what finished is committed at least this often
 COMMIT_GAP = 0.1  # seconds: commits asked for by finished batches are at most this often
 COMMIT_TIMEOUT = 10.0  # seconds; a commit that takes longer is given up and tried later
 HAND_OFF_TIMEOUT = 10.0  # seconds allowed, after the drain timeout, for handed-off work
+# Records handled between two turns of the event loop: handling a record that does not
+# wait never yields, so a fetch of hundreds would hold back, for milliseconds, the answers
+# of the POSTs under way (an import's next batch waits for its previous one's answer).
+YIELD_EVERY = 32
 Record: TypeAlias = "ConsumerRecord[Any, Any]"
 
 
@@ -217,7 +221,9 @@ class Consumer:
         meanwhile (even followed by the same partition's re-assignment) ends the batch:
         its records are read again from the committed offset."""
         generation = self._generation
-        for record in records:
+        for i, record in enumerate(records):
+            if i and not i % YIELD_EVERY:
+                await asyncio.sleep(0)  # the loop's turn (see YIELD_EVERY)
             if not self.accepting(tp) or generation != self._generation:
                 return
             try:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -26,7 +27,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
-from dispatcher import __version__, catalog, db, kafka
+from dispatcher import __version__, catalog, db, kafka, loops
 from dispatcher.attempts import Attempts, Clock
 from dispatcher.backoff import Backoff
 from dispatcher.cache import CacheSync, SubscriptionCache
@@ -76,6 +77,13 @@ class Daemon:
     notice_worker: NoticeConsumer | None = None
     recoveries: RecoveryRunner | None = None
     http_port: int | None = None  # the bound port, once started
+    # Under a supervisor (dispatcher/supervisor.py): the listening socket it made for
+    # this process (instead of DISPATCHER_HTTP_HOST/PORT), whether the API is served here
+    # (the supervisor serves it), and the health routes that replace this process's own
+    # (the supervisor's aggregate its children's).
+    listen: socket.socket | None = None
+    api: bool = True
+    health_routes: Callable[[web.Application], None] | None = None
     kafka_health: kafka.KafkaHealth | None = None  # once the producer started
     _pool: asyncpg.Pool | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)  # loops with no end
@@ -90,7 +98,13 @@ class Daemon:
 
     async def run(self) -> None:
         s = self.settings
-        log.info("daemon_starting", version=__version__, role=self.role, settings=s.redacted())
+        log.info(
+            "daemon_starting",
+            version=__version__,
+            role=self.role,
+            loop=loops.running(),
+            settings=s.redacted(),
+        )
         try:
             await self._run()
         except BaseException as exc:
@@ -133,7 +147,7 @@ class Daemon:
     # --- wiring -------------------------------------------------------------------------
 
     def _app(self, store: Store, the_catalog: catalog.Catalog, http: HttpClient) -> web.Application:
-        if self.role in ("all", "api"):
+        if self.role in ("all", "api") and self.api:
             from dispatcher.api import create_app
 
             assert self._pool is not None
@@ -146,8 +160,22 @@ class Daemon:
                 history=history,
                 jobs=Jobs(self._pool),
             )
+            from dispatcher import portal
+
+            portal.attach(
+                app,
+                pool=self._pool,
+                store=store,
+                catalog=the_catalog,
+                http=http,
+                settings=self.settings,
+                history=history,
+            )
         else:
             app = web.Application()
+        if self.health_routes is not None:
+            self.health_routes(app)
+            return app
         Health(
             metrics=self.metrics,
             cache=self.cache,
@@ -360,7 +388,11 @@ async def _serve(app: web.Application, host: str, port: int, daemon: Daemon) -> 
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site: web.BaseSite
+        if daemon.listen is not None:  # made and bound by the supervisor
+            site = web.SockSite(runner, daemon.listen)
+        else:
+            site = web.TCPSite(runner, host, port)
         try:
             await site.start()
         except OSError as exc:
@@ -373,9 +405,17 @@ async def _serve(app: web.Application, host: str, port: int, daemon: Daemon) -> 
         await runner.cleanup()
 
 
-async def run(settings: Settings, *, role: Role = "all", clock: Clock = time.time) -> int:
-    """Entry point of ``dispatcher run``: run until SIGTERM/SIGINT; 0 on a clean stop."""
-    daemon = Daemon(settings, role=role, clock=clock)
+async def run(
+    settings: Settings,
+    *,
+    role: Role = "all",
+    clock: Clock = time.time,
+    listen: socket.socket | None = None,
+    api: bool = True,
+) -> int:
+    """Entry point of ``dispatcher run``: run until SIGTERM/SIGINT; 0 on a clean stop.
+    ``listen`` and ``api``: see :class:`Daemon` (a supervisor's child)."""
+    daemon = Daemon(settings, role=role, clock=clock, listen=listen, api=api)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal(daemon, sig))

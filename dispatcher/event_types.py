@@ -22,12 +22,16 @@ items allow fields the schema does not name, as the platform's models are open.
 from __future__ import annotations
 
 import copy
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from dispatcher.catalog import Catalog, Entity, ImportPolicy
-from dispatcher.notification import DELETED
+from dispatcher.notification import DELETED, Notification
 
 Schema = dict[str, Any]
 
@@ -97,6 +101,61 @@ def event_types(catalog: Catalog) -> list[EventType]:
         for entity in _entities(catalog)
         for event in sorted(entity.events)
     ]
+
+
+def example(t: EventType) -> dict[str, Any]:
+    """A notification of the pair as its webhook receives it, with placeholder values its
+    schema allows (the portal's event catalog shows it next to the schema)."""
+    item = t.schema["properties"]["entities"]["items"]
+    entity = _example_value(item, "entity")
+    note = Notification(
+        "6f0d1c3e-2b4a-4c5d-8e9f-0a1b2c3d4e5f", uuid.UUID(int=0), t.event_type,
+        t.entity_name, "shop-1", "app-client-id", "user@example.com", (entity,),
+    )  # fmt: skip
+    body: dict[str, Any] = orjson.loads(note.body(0, datetime(2026, 1, 1, 10, 0, tzinfo=UTC)))
+    return body
+
+
+def _example_value(schema: Schema, name: str) -> Any:
+    """A value that ``schema`` (of a property called ``name``) allows, for a reader."""
+    if "const" in schema:
+        return schema["const"]
+    for key in ("examples", "enum"):
+        if schema.get(key):
+            return schema[key][0]
+    if "type" not in schema and "properties" not in schema:
+        return None  # any value: the catalog does not say which
+    kinds = schema.get("type", "object")
+    kinds = [kinds] if isinstance(kinds, str) else [k for k in kinds if k != "null"] or ["null"]
+    kind = kinds[0]
+    if kind == "object":
+        props = schema.get("properties", {})
+        return {key: _example_value(sub, key) for key, sub in props.items()}
+    if kind == "array":
+        items = schema.get("items")
+        return [_example_value(items, name)] if isinstance(items, dict) else []
+    if kind == "integer":
+        return max(int(schema.get("minimum", 1)), 1)
+    if kind == "number":
+        return max(float(schema.get("minimum", 12.5)), 12.5)
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return _example_string(schema, name)
+
+
+def _example_string(schema: Schema, name: str) -> str:
+    fmt = schema.get("format")
+    if fmt == "uuid" or name == "uuid" or name.endswith("_uuid"):
+        return "0b6e8f3a-5d2c-4e1f-9a7b-3c4d5e6f7a8b"
+    if fmt == "date-time" or name.endswith("_at"):
+        return "2026-01-01T10:00:00.000Z"
+    if fmt == "date" or name == "date":
+        return "2026-01-01"
+    if fmt == "email":
+        return "user@example.com"
+    return "…"
 
 
 def describe(entity: Entity, event: str) -> str:

@@ -61,6 +61,17 @@ def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str | N
     return value
 
 
+def _required(data: dict[str, Any], name: str) -> str:
+    """A required id field: the common, valid case checked inline, :func:`_text` (which
+    says what is wrong) otherwise."""
+    value = data.get(name)
+    if type(value) is str and 0 < len(value) <= MAX_ID_LENGTH:
+        return value
+    text = _text(data, name)
+    assert text is not None
+    return text
+
+
 def decode(raw: bytes | None) -> Event:
     """Decode and validate one Kafka message value."""
     if raw is None:
@@ -72,12 +83,10 @@ def decode(raw: bytes | None) -> Event:
     if not isinstance(data, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}", "shape")
 
-    event_id = _text(data, "event_id")
-    assert event_id is not None
+    event_id = _required(data, "event_id")
     if not _UUID.match(event_id):
         raise InvalidEvent(f"'event_id' must be a UUID, got {event_id!r}")
-    time_text = _text(data, "time")
-    assert time_text is not None
+    time_text = _required(data, "time")
     try:
         datetime.fromisoformat(time_text.replace("Z", "+00:00"))
     except ValueError:
@@ -99,13 +108,23 @@ def decode(raw: bytes | None) -> Event:
     if import_id is not None and not isinstance(import_id, str | int):
         raise InvalidEvent("'import_id' must be a string, a number or null")
 
+    # in this order, so that a message with several faults names the same one as before
+    entity_name = _required(data, "entity_name")
+    event_type = _required(data, "event_type").upper()
+    environment_id = _required(data, "environment_id")
+    client_id = data.get("client_id")
+    if not (type(client_id) is str and len(client_id) <= MAX_ID_LENGTH):
+        client_id = _text(data, "client_id", optional=True)
+    from_user = data.get("from_user")
+    if from_user is not None and type(from_user) is not str:
+        from_user = _text(data, "from_user", optional=True)
     return Event(
         event_id=event_id,
-        entity_name=_text(data, "entity_name") or "",
-        event_type=(_text(data, "event_type") or "").upper(),
-        environment_id=_text(data, "environment_id") or "",
-        client_id=_text(data, "client_id", optional=True) or "",
-        from_user=_text(data, "from_user", optional=True),
+        entity_name=entity_name,
+        event_type=event_type,
+        environment_id=environment_id,
+        client_id=client_id or "",
+        from_user=from_user,
         time=time_text,
         entity=entity,
         import_id=None if import_id is None else str(import_id),

@@ -79,7 +79,8 @@ class ImportBatcher:
         assert event.import_id is not None
         key: BatchKey = (event.environment_id, event.import_id, webhook.id)
         batch = self._open.get(key)
-        if batch is None or batch.webhook != webhook:
+        # identity first: comparing two webhooks field by field costs once per entity
+        if batch is None or (batch.webhook is not webhook and batch.webhook != webhook):
             if batch is not None:
                 self._flush(key)
             batch = self._open[key] = _OpenBatch(webhook, event)

@@ -18,6 +18,9 @@ Both are published as JSON Schemas (``dispatcher.event_types``,
 
 from __future__ import annotations
 
+import hashlib
+import math
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,14 +36,51 @@ DELETED = "DELETED"
 DELETED_FIELDS = ("id", "uuid")  # all that a DELETED notification carries of an entity
 
 
+_NAMESPACE_BYTES = NAMESPACE.bytes
+
+
 def notification_uuid(event_id: str, webhook_id: uuid.UUID) -> str:
-    """The stable id of the notification of ``event_id`` to ``webhook_id``."""
-    return str(uuid.uuid5(NAMESPACE, f"{event_id.lower()}/{webhook_id}"))
+    """The stable id of the notification of ``event_id`` to ``webhook_id``: the uuid5 of
+    ``"<event id, lower case>/<webhook id>"`` in :data:`NAMESPACE`, computed as
+    :func:`uuid.uuid5` does without building UUID objects (once per delivery).
+
+    >>> w = uuid.UUID("00000000-0000-4000-8000-000000000001")
+    >>> notification_uuid("ABC", w) == str(uuid.uuid5(NAMESPACE, f"abc/{w}"))
+    True
+    """
+    name = f"{event_id.lower()}/{webhook_id}".encode()
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name, usedforsecurity=False).digest())
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest[:16].hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def iso_millis(moment: datetime) -> str:
     """``2022-02-22T11:13:04.892Z``: UTC, millisecond precision, as the platform sends."""
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_second: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def iso_millis_at(unix: float) -> str:
+    """:func:`iso_millis` of a Unix time (as ``datetime.fromtimestamp(unix, UTC)``), the
+    seconds formatted once per second rather than once per request.
+
+    >>> iso_millis_at(1645528384.8926)
+    '2022-02-22T11:13:04.892Z'
+    """
+    global _second
+    fraction, seconds = math.modf(unix)  # rounded as datetime.fromtimestamp rounds
+    micros, whole = round(fraction * 1e6), int(seconds)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    elif micros < 0:
+        whole, micros = whole - 1, micros + 1_000_000
+    if _second[0] != whole:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{micros // 1000:03d}Z"
 
 
 def subscribed_body(
@@ -95,13 +135,15 @@ class Notification:
             entities=entities,
         )
 
-    def body(self, n_retry: int, sent_at: datetime) -> bytes:
-        """The JSON body of one attempt; ``time`` is when this request is sent."""
+    def body(self, n_retry: int, sent_at: datetime | float) -> bytes:
+        """The JSON body of one attempt; ``time`` is when this request is sent (a datetime,
+        or Unix seconds)."""
+        sent = iso_millis_at(sent_at) if isinstance(sent_at, float) else iso_millis(sent_at)
         return orjson.dumps(
             {
                 "type": self.type,
                 "entity_name": self.entity_name,
-                "time": iso_millis(sent_at),
+                "time": sent,
                 "notification_uuid": self.notification_uuid,
                 "environment_id": self.environment_id,
                 "client_id": self.client_id,

@@ -57,7 +57,7 @@ def add_routes(
     jobs: Jobs,
     settings: Settings,
 ) -> None:
-    handlers = RecoveryHandlers(store, history, jobs, settings)
+    handlers = RecoveryHandlers(store, Recoveries(store, history, jobs, settings))
     router = app.router
     router.add_post("/webhooks/{id}/attempts/{attempt_id}/resend", handlers.resend)
     router.add_post("/webhooks/{id}/recover", handlers.recover)
@@ -69,6 +69,60 @@ def add_routes(
 
 
 class RecoveryHandlers:
+    """The routes: authenticate, decode, call :class:`Recoveries`, answer JSON."""
+
+    def __init__(self, store: Store, recoveries: Recoveries) -> None:
+        self._store = store
+        self._recoveries = recoveries
+
+    async def _webhook(self, request: web.Request) -> Webhook:
+        principal = await api.authenticate(request, self._store)
+        return await api.own_webhook(request, principal, self._store)
+
+    async def resend(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        job = await self._recoveries.resend(webhook, request.match_info["attempt_id"])
+        return _job_response(job, 202)
+
+    async def recover(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        job = await self._recoveries.recover(webhook, await api.read_json(request))
+        return _job_response(job, 202)
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        jobs = await self._recoveries.jobs(webhook)
+        return api.json_response({"results": [j.to_json() for j in jobs]})
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        job = await self._recoveries.job(webhook, request.match_info["job_id"])
+        return _job_response(job, 200)
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        job = await self._recoveries.cancel(webhook, request.match_info["job_id"])
+        return _job_response(job, 200)
+
+    async def disable(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        changed = await self._recoveries.disable(webhook, request.match_info["id"])
+        return api.json_response(await self._recoveries.webhook_json(changed))
+
+    async def enable(self, request: web.Request) -> web.Response:
+        webhook = await self._webhook(request)
+        data = await api.read_json(request) if request.can_read_body else None
+        changed, job = await self._recoveries.enable(webhook, data, request.match_info["id"])
+        body = await self._recoveries.webhook_json(changed)
+        if job is not None:
+            body["recovery"] = job.to_json()
+        return api.json_response(body)
+
+
+class Recoveries:
+    """Resend, recover, recovery jobs, disable and enable, for the API's routes and the
+    portal (:mod:`dispatcher.portal`) alike; each refusal is an :class:`ApiError`."""
+
     def __init__(
         self, store: Store, history: History | None, jobs: Jobs, settings: Settings
     ) -> None:
@@ -77,17 +131,16 @@ class RecoveryHandlers:
         self._jobs = jobs
         self._settings = settings
 
-    async def _webhook(self, request: web.Request) -> Webhook:
-        principal = await api.authenticate(request, self._store)
-        return await api.own_webhook(request, principal, self._store)
+    async def webhook_json(self, webhook: Webhook) -> dict[str, Any]:
+        return await api.webhook_json(webhook, self._history)
 
-    async def resend(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
+    async def resend(self, webhook: Webhook, raw_attempt_id: str) -> Job:
+        """Queue the attempt's request body once more (202); 404/409 when it cannot."""
         if self._history is None:
             raise ApiError(
                 404, "the delivery history is off on this server (DISPATCHER_ATTEMPT_LOG=off)"
             )
-        raw = request.match_info["attempt_id"]
+        raw = raw_attempt_id
         try:
             attempt_id = uuid.UUID(raw)
         except ValueError:
@@ -105,19 +158,20 @@ class RecoveryHandlers:
         at = row["attempted_at"]
         job = await self._jobs.create(webhook, "resend", at, at, attempt_id=attempt_id)
         log.info("resend_queued", webhook_id=str(webhook.id), attempt_id=str(attempt_id))
-        return _job_response(job, 202)
+        return job
 
-    async def recover(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
-        data = _object(await api.read_json(request), RECOVER_FIELDS)
-        mode = data.get("mode")
+    async def recover(self, webhook: Webhook, data: object) -> Job:
+        """Queue a job from a ``POST /recover`` body (decoded): ``mode``, ``since``,
+        ``until``; 400/409/422 naming what is wrong."""
+        fields = _object(data, RECOVER_FIELDS)
+        mode = fields.get("mode")
         if mode not in MODES:
             raise ApiError(
                 400, f"mode: expected one of {', '.join(MODES)}, got {mode!r}"[:200], field="mode"
             )
-        since = _time(data, "since", required=True)
+        since = _time(fields, "since", required=True)
         assert since is not None
-        until = _time(data, "until")
+        until = _time(fields, "until")
         if mode == "failed" and self._history is None:
             raise ApiError(
                 422,
@@ -127,49 +181,46 @@ class RecoveryHandlers:
             )
         if webhook.disabled:
             raise _disabled(webhook)
-        job = await self._start(webhook, mode, since, until, field="since")
-        return _job_response(job, 202)
+        return await self._start(webhook, mode, since, until, field="since")
 
-    async def list_jobs(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
-        jobs = await self._jobs.of_webhook(webhook.id)
-        return api.json_response({"results": [j.to_json() for j in jobs]})
+    async def jobs(self, webhook: Webhook) -> list[Job]:
+        return await self._jobs.of_webhook(webhook.id)
 
-    async def get_job(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
-        job = await self._jobs.get(webhook.id, _job_id(request))
+    async def job(self, webhook: Webhook, raw_job_id: str) -> Job:
+        """One recovery job of the webhook (not a resend); 404 otherwise."""
+        job = await self._jobs.get(webhook.id, _job_id(raw_job_id))
         if job is None or job.mode == "resend":
-            raise _no_job(request)
-        return _job_response(job, 200)
+            raise _no_job(raw_job_id)
+        return job
 
-    async def cancel_job(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
-        job_id = _job_id(request)
+    async def cancel(self, webhook: Webhook, raw_job_id: str) -> Job:
+        job_id = _job_id(raw_job_id)
         existing = await self._jobs.get(webhook.id, job_id)
         if existing is None or existing.mode == "resend":
-            raise _no_job(request)
+            raise _no_job(raw_job_id)
         job = await self._jobs.cancel(webhook.id, job_id)
         if job is None:
-            raise _no_job(request)
+            raise _no_job(raw_job_id)
         log.info("recovery_job_cancelled", webhook_id=str(webhook.id), job_id=str(job_id))
-        return _job_response(job, 200)
+        return job
 
-    async def disable(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
+    async def disable(self, webhook: Webhook, raw_id: str) -> Webhook:
         changed = await self._store.set_disabled(
             webhook.environment_id, webhook.id, DISABLED_BY_INTEGRATOR
         )
         if changed is None:
-            raise api.not_found(request)
+            raise api.no_webhook(raw_id)
         log.info("webhook_disabled_by_integrator", webhook_id=str(webhook.id))
-        return api.json_response(await api.webhook_json(changed, self._history))
+        return changed
 
-    async def enable(self, request: web.Request) -> web.Response:
-        webhook = await self._webhook(request)
+    async def enable(
+        self, webhook: Webhook, data: object | None, raw_id: str
+    ) -> tuple[Webhook, Job | None]:
+        """Enable the webhook; with ``recover_since`` in ``data`` (an ``enable`` body,
+        decoded) a replay from then, whose range is checked before anything changes."""
         since = None
-        if request.can_read_body:
-            data = _object(await api.read_json(request), ENABLE_FIELDS)
-            since = _time(data, "recover_since")
+        if data is not None:
+            since = _time(_object(data, ENABLE_FIELDS), "recover_since")
         job = None
         if since is not None:
             # Checked before enabling: a refused range changes nothing.
@@ -179,14 +230,11 @@ class RecoveryHandlers:
             await self._refuse_active(webhook)
         changed = await self._store.set_disabled(webhook.environment_id, webhook.id, None)
         if changed is None:
-            raise api.not_found(request)
+            raise api.no_webhook(raw_id)
         log.info("webhook_enabled", webhook_id=str(webhook.id), recover_since=since is not None)
         if since is not None:
             job = await self._start(changed, "replay", since, None, field="recover_since")
-        body = await api.webhook_json(changed, self._history)
-        if job is not None:
-            body["recovery"] = job.to_json()
-        return api.json_response(body)
+        return changed, job
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -265,15 +313,15 @@ def _time(data: dict[str, Any], name: str, *, required: bool = False) -> datetim
     return api.moment({name: raw}, name)
 
 
-def _job_id(request: web.Request) -> uuid.UUID:
+def _job_id(raw: str) -> uuid.UUID:
     try:
-        return uuid.UUID(request.match_info["job_id"])
+        return uuid.UUID(raw)
     except ValueError:
-        raise _no_job(request) from None
+        raise _no_job(raw) from None
 
 
-def _no_job(request: web.Request) -> ApiError:
-    return ApiError(404, f"no recovery job with id {request.match_info['job_id'][:100]!r}")
+def _no_job(raw: str) -> ApiError:
+    return ApiError(404, f"no recovery job with id {raw[:100]!r}")
 
 
 def _active(existing: uuid.UUID | None) -> ApiError:

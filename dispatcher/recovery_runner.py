@@ -67,7 +67,7 @@ class KeptNotification(Notification):
 
     kept_body: bytes = b""
 
-    def body(self, n_retry: int, sent_at: datetime) -> bytes:
+    def body(self, n_retry: int, sent_at: datetime | float) -> bytes:
         return self.kept_body
 
 

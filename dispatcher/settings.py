@@ -156,6 +156,61 @@ def _bool(raw: str) -> bool:
     raise ValueError(f"expected true or false (also 1/0, yes/no, on/off), got {raw!r}")
 
 
+MAX_PROCESSES = 128  # DISPATCHER_PROCESSES above this is a typo, not a machine
+
+
+def available_cpus(
+    *, affinity: int | None, cpu_count: int | None, cpu_max: str | None = None
+) -> int:
+    """The CPUs this process may use: those it may run on (``sched_getaffinity``, else
+    ``os.cpu_count()``), capped by a cgroup v2 CPU quota (``cpu.max``: "max 100000", or
+    "<quota> <period>", a Kubernetes CPU limit), rounded up; 1 at least.
+
+    >>> available_cpus(affinity=8, cpu_count=64)
+    8
+    >>> available_cpus(affinity=8, cpu_count=8, cpu_max="250000 100000")
+    3
+    >>> available_cpus(affinity=None, cpu_count=4, cpu_max="max 100000")
+    4
+    """
+    cpus = affinity or cpu_count or 1
+    parts = (cpu_max or "").split()
+    if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[1]) > 0:
+        cpus = min(cpus, -(-int(parts[0]) // int(parts[1])))
+    return max(1, cpus)
+
+
+def _cpus_here() -> int:
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        affinity = None
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as file:  # cgroup v2; absent elsewhere
+            cpu_max: str | None = file.read()
+    except OSError:
+        cpu_max = None
+    return available_cpus(affinity=affinity, cpu_count=os.cpu_count(), cpu_max=cpu_max)
+
+
+def parse_processes(raw: str, *, cpus: Callable[[], int] = _cpus_here) -> int:
+    """A number of processes from 1 to :data:`MAX_PROCESSES`, or ``auto``: ``cpus()``.
+
+    >>> parse_processes("3"), parse_processes("auto", cpus=lambda: 2)
+    (3, 2)
+    """
+    value = raw.strip().lower()
+    if value == "auto":
+        return min(cpus(), MAX_PROCESSES)
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_PROCESSES:
+        raise ValueError(f"expected auto or an integer from 1 to {MAX_PROCESSES}, got {raw!r}")
+    return number
+
+
 def _database_url(raw: str) -> str:
     value = _str(raw)
     if not value.startswith(("postgresql://", "postgres://")):
@@ -201,6 +256,25 @@ class Settings:
     )
     http_host: str = _setting("127.0.0.1", _str, "Address the HTTP API listens on.")
     http_port: int = _setting(8080, _port, "Port of the HTTP API (webhooks, health).")
+    processes: int = _setting(
+        1,
+        parse_processes,
+        "Consumer processes of `dispatcher run`, in the same consumer groups, under one "
+        "supervisor serving the one HTTP port: a number, or auto (the CPUs it may use); "
+        "1: no supervisor. Overridden by `dispatcher run --processes`.",
+    )
+    portal_session_hours: int = _setting(
+        12,
+        _int_at_least(1),
+        "How long a sign-in to the integrators' portal (/portal/) lasts, in hours; signing "
+        "out or revoking the token ends it sooner.",
+    )
+    portal_trust_proxy: bool = _setting(
+        False,
+        _bool,
+        "true: the portal believes X-Forwarded-Proto and X-Forwarded-Host (set it only behind "
+        "a reverse proxy that sets them), for its Secure cookie and its same-origin checks.",
+    )
     smtp_host: str = _setting("127.0.0.1", _str, "SMTP server for failure notices.")
     smtp_port: int = _setting(2525, _port, "SMTP server port.")
     smtp_user: str = _setting("", _optional_str, "SMTP user name; empty for no login.")
@@ -318,6 +392,12 @@ class Settings:
     log_level: str = _setting("INFO", _log_level, "debug, info, warning or error.")
     log_format: str = _setting(
         "auto", _choice("auto", "json", "console"), "auto (console on a TTY), json or console."
+    )
+    uvloop: bool = _setting(
+        True,
+        _bool,
+        "on/off: run the daemon's event loop on uvloop (less CPU per delivery); off: "
+        "asyncio's own loop.",
     )
 
     @classmethod

@@ -133,6 +133,20 @@ def _webhook(row: asyncpg.Record) -> Webhook:
     return Webhook(**dict(row.items()))
 
 
+LOAD_CHUNK = 10_000  # rows of the full load fetched at a time
+
+
+def _cached_webhook(row: asyncpg.Record, names: dict[str, str]) -> Webhook:
+    """A webhook of the full load: the columns in field order (see _WEBHOOK_COLUMNS), and
+    the values that repeat from one webhook to the next (client ids, entity names, event
+    types) shared through ``names`` rather than held once per webhook."""
+    (id_, env, client, entity, event, *rest) = row
+    client = names.setdefault(client, client)
+    entity = names.setdefault(entity, entity)
+    event = names.setdefault(event, event)
+    return Webhook(id_, env, client, entity, event, *rest)
+
+
 class Store:
     """Typed queries over a pool. Every webhook query is scoped to one shop."""
 
@@ -317,9 +331,16 @@ class Store:
         return result == "DELETE 1"
 
     async def all_webhooks(self) -> list[Webhook]:
-        """Every webhook, for the dispatcher's cache."""
-        rows = await self._pool.fetch(f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks")  # noqa: S608
-        return [_webhook(r) for r in rows]
+        """Every webhook, for the dispatcher's cache: read through a cursor, so that the
+        rows of a million webhooks are never all held beside the webhooks made of them."""
+        names: dict[str, str] = {}
+        webhooks: list[Webhook] = []
+        query = f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks"  # noqa: S608
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True):
+            cursor = await conn.cursor(query)
+            while rows := await cursor.fetch(LOAD_CHUNK):
+                webhooks += [_cached_webhook(r, names) for r in rows]
+        return webhooks
 
     async def webhook_by_id(self, webhook_id: uuid.UUID) -> Webhook | None:
         """One webhook whatever its shop, for the cache and retries."""

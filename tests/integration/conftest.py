@@ -317,10 +317,12 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
     running after the test."""
     started: list[Process] = []
 
-    async def start(env: dict[str, str]) -> Process:
+    async def start(env: dict[str, str], *args: str) -> Process:
+        """``args``: of the command, ``run`` when none (e.g. ``"run", "--role", "api"``)."""
         log_path = tmp_path / f"daemon-{len(started)}.log"
+        argv = [*DISPATCHER, *(args or ("run",))]
         with log_path.open("wb") as out:
-            popen = subprocess.Popen([*DISPATCHER, "run"], env=env, stdout=out, stderr=out)  # noqa: S603 - our own command
+            popen = subprocess.Popen(argv, env=env, stdout=out, stderr=out)  # noqa: S603 - our own command
         process = Process(popen, int(env["DISPATCHER_HTTP_PORT"]), log_path)
         started.append(process)
         await process.wait_ready()

@@ -196,7 +196,6 @@ class Mailbox:
     # notice ids (X-Webhook-Notice-Id) whose DATA is answered only once ``release`` is set
     hold: set[str] = field(default_factory=set)
     release: asyncio.Event = field(default_factory=asyncio.Event)
-    _per_session: dict[int, int] = field(default_factory=dict)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     def connected(self) -> None:
@@ -226,8 +225,11 @@ class Mailbox:
             return "451 Try again later"
         content = envelope.original_content or b""
         message = message_from_bytes(content)
-        number = self._per_session[id(session)] = self._per_session.get(id(session), 0) + 1
-        if self.close_after is not None and number > self.close_after:
+        # Counted on the connection's own protocol object: an id() of a session that
+        # ended may be reused by a new one, which would then be dropped at its first mail.
+        assert isinstance(server, MailboxServer)
+        server.mails += 1
+        if self.close_after is not None and server.mails > self.close_after:
             assert server.transport is not None
             server.transport.close()  # dropped mid-way: this mail is not accepted
             self.dropped += 1
@@ -251,6 +253,7 @@ class MailboxServer(SMTP):
     def __init__(self, box: Mailbox, **kwargs: Any) -> None:
         super().__init__(box, **kwargs)
         self._box = box
+        self.mails = 0  # DATA commands on this connection (one protocol per connection)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._box.connected()
@@ -470,7 +473,7 @@ class Process:
         return self.popen.returncode
 
 
-Spawn = Callable[[dict[str, str]], Awaitable[Process]]  # the ``spawn`` fixture
+Spawn = Callable[..., Awaitable[Process]]  # the ``spawn`` fixture: (env, *args)
 
 
 # --- the local stack --------------------------------------------------------------------

@@ -59,3 +59,27 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     )  # fmt: skip
     problems = [line for line in result.stderr.splitlines() if path.name in line]
     assert result.returncode == 0 and not problems, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_template_unit_verifies_and_sets_the_port_of_its_instance(tmp_path: Path) -> None:
+    """The template unit of N instances verifies as an instance, whose name is its port."""
+    template = (ROOT / "deploy" / "systemd" / "webhook-dispatcher@.service").read_text()
+    single = (ROOT / "deploy" / "systemd" / "webhook-dispatcher.service").read_text()
+    assert "ExecStart=/usr/bin/env DISPATCHER_HTTP_PORT=%i " in template
+    # the same service as the single unit, but for its comments, name and ExecStart
+    differs = ("#", "Description=", "ExecStart=")
+    assert [x for x in template.splitlines() if not x.startswith(differs)] == [
+        x for x in single.splitlines() if not x.startswith(differs)
+    ]
+    dispatcher = Path(sys.executable).parent / "dispatcher"
+    path = tmp_path / "webhook-dispatcher@.service"
+    path.write_text(template.replace("/opt/webhook-dispatcher/bin/dispatcher", str(dispatcher)))
+    instance = tmp_path / "webhook-dispatcher@8081.service"
+    instance.symlink_to(path)
+    result = subprocess.run(  # noqa: S603 - a fixed tool on our own file
+        ["systemd-analyze", "verify", str(instance)],  # noqa: S607 - found on PATH above
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    problems = [line for line in result.stderr.splitlines() if "webhook-dispatcher@" in line]
+    assert result.returncode == 0 and not problems, result.stderr
