@@ -173,7 +173,11 @@ def rebootstrap(client: Any, name: str) -> None:
     async def metadata_update(cluster_metadata: Any, topics: Any) -> bool:
         if await refresh(cluster_metadata, topics):
             return True
-        answer = await _ask_bootstrap(client, topics)
+        try:
+            answer = await _ask_bootstrap(client, topics)
+        except Exception as exc:  # aiokafka's metadata task must never die of this addition
+            log.warning("kafka_rebootstrap_failed", client=name, error=repr(exc))
+            return False
         if answer is None:
             return False
         metadata, via = answer
@@ -231,7 +235,7 @@ async def _ask_bootstrap(client: Any, topics: Any) -> tuple[Any, str] | None:
             continue
         try:
             metadata = await conn.send(request)
-        except (KafkaError, TimeoutError):
+        except (KafkaError, OSError, TimeoutError):
             continue
         finally:
             conn.close()
@@ -335,6 +339,7 @@ class KafkaHealth:
         if self.stopping.is_set():
             self.problems = []
             return
+        self._revive_metadata_tasks()
         now = self.clock()
         problems: dict[str, list[str]] = {}
         for worker in list(self.workers):
@@ -476,6 +481,19 @@ class KafkaHealth:
             client = self._client(name)
             if client is not None:
                 await reset(client, name)
+                client.force_metadata_update()  # a prompt refresh; its answer is not awaited
+
+    def _revive_metadata_tasks(self) -> None:
+        """Restart the metadata task of a client (aiokafka's ``_md_synchronizer``) that
+        ended while the client is open: without it every metadata refresh, and every
+        coordinator lookup waiting on one, would wait forever."""
+        for name in ["producer", *(w.name for w in self.workers)]:
+            client = self._client(name)
+            task = getattr(client, "_sync_task", None)
+            if not isinstance(task, asyncio.Task) or not task.done() or task.cancelled():
+                continue
+            log.error("kafka_metadata_task_restarted", client=name, error=repr(task.exception()))
+            client._sync_task = asyncio.create_task(client._md_synchronizer())
 
     def _client(self, name: str) -> Any:
         if name == "producer":

@@ -170,3 +170,39 @@ async def test_the_installed_aiokafka_has_what_rebootstrap_and_health_read() -> 
     assert producer.unacked() == (0, 0.0)
     await consumer.stop()
     await producer.stop()
+
+
+class FakeClient:
+    """An aiokafka client's metadata task (``_sync_task``), as KafkaHealth sees it."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self._sync_task: asyncio.Task[None] | None = None
+
+    async def _md_synchronizer(self) -> None:
+        self.started += 1
+        await asyncio.Event().wait()  # runs until cancelled, as aiokafka's does
+
+
+async def test_a_metadata_task_that_died_is_started_again_and_a_live_one_is_left_alone() -> None:
+    """A client whose metadata task ended with an error would never refresh metadata nor
+    find its group coordinator again: sampling starts it again, once, and logs it."""
+
+    async def crashed() -> None:
+        raise RuntimeError("unable to perform operation: the handler is closed")
+
+    client = FakeClient()
+    client._sync_task = asyncio.create_task(crashed())
+    await asyncio.gather(client._sync_task, return_exceptions=True)
+    consumer = FakeConsumer({TP0})
+    consumer._client = client  # type: ignore[attr-defined]
+    h = health(FakeWorker(consumer), Clock())
+    with structlog.testing.capture_logs() as logs:
+        await h.sample()
+        await asyncio.sleep(0)  # let the new task start
+        await h.sample()
+    assert client.started == 1
+    assert client._sync_task is not None and not client._sync_task.done()
+    restarted = [e for e in logs if e["event"] == "kafka_metadata_task_restarted"]
+    assert len(restarted) == 1 and "handler is closed" in restarted[0]["error"]
+    client._sync_task.cancel()
