@@ -27,6 +27,7 @@ import asyncpg
 import structlog
 
 from dispatcher.backoff import Backoff
+from dispatcher.mailer import permanent
 from dispatcher.notification import iso_millis
 from dispatcher.recorder import DATABASE_ERRORS
 from dispatcher.settings import Settings
@@ -124,14 +125,23 @@ class Disabler:
             "disabled_reason FROM webhooks WHERE disabled_mail_pending"
         )
         for row in rows:
-            await self._send(render(dict(row.items()), self._settings.smtp_sender))
+            try:
+                await self._send(render(dict(row.items()), self._settings.smtp_sender))
+            except aiosmtplib.SMTPException as exc:
+                if not permanent(exc):
+                    raise  # the server or the settings: the whole sweep backs off
+                # e.g. 550 no such mailbox: the same next time, and the others must go out
+                log.error(
+                    "webhook_disabled_mail_rejected", webhook_id=str(row["id"]), error=str(exc)
+                )
+            else:
+                log.info("webhook_disabled_mail_sent", webhook_id=str(row["id"]))
             await self._pool.execute(
                 "UPDATE webhooks SET disabled_mail_pending = false "
                 "WHERE id = $1 AND disabled_at = $2",
                 row["id"],
                 row["disabled_at"],
             )
-            log.info("webhook_disabled_mail_sent", webhook_id=str(row["id"]))
         return len(rows)
 
     async def _send(self, message: EmailMessage) -> None:

@@ -84,6 +84,19 @@ def _closed_by_server(exc: BaseException) -> bool:
     )
 
 
+def permanent(exc: BaseException) -> bool:
+    """An SMTP answer to this mail that will be the same next time (5xx, or a server that
+    lacks what the mail needs, e.g. SMTPUTF8), unlike 4xx, a lost link or a session that
+    could not be opened (the server or our settings, fixed by an operator)."""
+    if isinstance(exc, SessionFailed):
+        return False
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        return all(r.code >= 500 for r in exc.recipients)
+    if isinstance(exc, aiosmtplib.SMTPNotSupported):
+        return True
+    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500
+
+
 class Mailer:
     """A pool of at most ``DISPATCHER_SMTP_CONNECTIONS`` SMTP sessions; :meth:`close` it."""
 

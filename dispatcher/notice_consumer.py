@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from dispatcher.backoff import Backoff
 from dispatcher.consumer import Consumer, Record
 from dispatcher.deadletter import DeadLetters
-from dispatcher.mailer import Mailer, SessionFailed
+from dispatcher.mailer import Mailer, SessionFailed, permanent
 from dispatcher.metrics import Metrics
 from dispatcher.notices import Notice, render
 from dispatcher.settings import Settings
@@ -32,19 +32,6 @@ log = structlog.get_logger(__name__)
 
 MAX_DIGEST = 200  # notices in one digest mail at most
 IN_FLIGHT_PER_CONNECTION = 8  # notices taken per SMTP connection, so none idles
-
-
-def _permanent(exc: BaseException) -> bool:
-    """An SMTP answer to this mail that will be the same next time (5xx, or a server that
-    lacks what the mail needs, e.g. SMTPUTF8), unlike 4xx, a lost link or a session that
-    could not be opened (the server or our settings, fixed by an operator)."""
-    if isinstance(exc, SessionFailed):
-        return False
-    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
-        return all(r.code >= 500 for r in exc.recipients)
-    if isinstance(exc, aiosmtplib.SMTPNotSupported):
-        return True
-    return isinstance(exc, aiosmtplib.SMTPResponseException) and exc.code >= 500
 
 
 def _this_mail(exc: BaseException) -> bool:
@@ -175,7 +162,7 @@ class NoticeConsumer(Consumer):
             try:
                 await self.mailer.send(message)
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-                if _permanent(exc):  # e.g. 550 no such mailbox: retrying cannot help
+                if permanent(exc):  # e.g. 550 no such mailbox: retrying cannot help
                     self._metrics.notices_rejected.inc()
                     log.error(
                         "notice_rejected",

@@ -22,6 +22,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from dispatcher import signing
+from dispatcher.disabling import Disabler
 from dispatcher.recovery import Jobs
 from dispatcher.store import Principal, Store, Webhook
 from tests.integration.support import (
@@ -35,6 +36,7 @@ from tests.integration.support import (
     free_port,
     make_event,
     metric,
+    subscribe,
 )
 from tests.integration.test_api import Reply, check_against_doc, load_openapi
 from tests.integration.test_cli import dispatcher
@@ -404,6 +406,34 @@ async def test_resend_sends_the_same_body_freshly_signed_as_one_more_attempt_and
 
 
 # --- disable and enable -----------------------------------------------------------------
+
+
+async def test_a_disabled_mail_refused_for_good_does_not_hold_back_the_others(
+    world: World, mailbox: Mailbox, pool: asyncpg.Pool
+) -> None:
+    """One owner's address refused with a 550: that mail is given up (it would be refused
+    again), the other owner's mail still goes out, and neither is tried again."""
+    refused = await subscribe(world.store, world.shop, world.receiver, email="gone@shop.test")
+    other_shop = await world.new_shop("other")
+    mailed = await subscribe(world.store, other_shop, world.receiver, email="dev@other.test")
+    mailbox.no_such_user.add("gone@shop.test")
+    for webhook in (refused, mailed):
+        await pool.execute(
+            "UPDATE webhooks SET disabled_at = now(), disabled_reason = 'test', "
+            "disabled_mail_pending = true WHERE id = $1",
+            webhook.id,
+        )
+    settings = replace(world.settings, smtp_host=mailbox.host, smtp_port=mailbox.port)
+    disabler = Disabler(pool, settings)
+
+    assert await disabler.mail_pending() == 2
+    assert [m["To"] for m in mailbox.messages] == ["dev@other.test"]
+    pending = await pool.fetch(
+        "SELECT id FROM webhooks WHERE disabled_mail_pending AND id = ANY($1::uuid[])",
+        [refused.id, mailed.id],
+    )
+    assert pending == []
+    assert await disabler.mail_pending() == 0  # nothing is tried again
 
 
 async def test_a_webhook_failing_past_the_threshold_is_disabled_mailed_once_then_recovered(
