@@ -91,6 +91,8 @@ class Recorder(Consumer):
         )
         self._history = history
         self._failing = failing
+        # the latest write: the next one starts after it (see _write_after)
+        self._writing: asyncio.Future[None] | None = None
         self._retention_days = settings.attempt_retention_days
 
     async def process(self, tp: TopicPartition, records: list[Record]) -> None:
@@ -101,9 +103,22 @@ class Recorder(Consumer):
             if not self.accepting(tp):
                 break
             taken.append(record)
-        write = asyncio.ensure_future(self._write_records(taken))
+        write = asyncio.ensure_future(self._write_after(self._writing, taken))
+        self._writing = write
         for record in taken:  # a slot each: while PostgreSQL is down, fetching stops
             await self.track(tp, record, write)
+
+    async def _write_after(
+        self, previous: asyncio.Future[None] | None, records: list[Record]
+    ) -> None:
+        """Write once the previous write ended (whichever way): fetching goes on
+        meanwhile, but two writes never run at once, so a webhook's health counts the
+        attempts of both (two racing writers of a webhook's first attempts would each
+        count its own; the last to commit would win). A write of a few thousand attempts
+        takes ~0.1 s, so one at a time keeps up with many times the delivery rate."""
+        if previous is not None and not previous.done():
+            await asyncio.wait([previous])
+        await self._write_records(records)
 
     async def _write_records(self, records: list[Record]) -> None:
         """The records' attempts, decoded by PostgreSQL (the recorder parses nothing);
