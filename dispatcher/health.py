@@ -52,7 +52,7 @@ class Health:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         dead = self.dead_loops()
-        return _answer({"loops": "ok" if not dead else f"stopped: {', '.join(dead)}"})
+        return checks_response({"loops": "ok" if not dead else f"stopped: {', '.join(dead)}"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
         checks: dict[str, str] = {}
@@ -70,7 +70,7 @@ class Health:
             stuck = [reason for c in self.consumers for reason in c.undecodable.reasons()]
             checks["decoding"] = "ok" if not stuck else "undecodable batch: " + "; ".join(stuck)
         checks["database"] = await self._database_check()
-        return _answer(checks)
+        return checks_response(checks)
 
     async def _database_check(self) -> str:
         pool = self.pool()
@@ -99,7 +99,8 @@ async def kafka_check(bootstrap: str) -> str:
     return "unreachable"
 
 
-def _answer(checks: dict[str, str]) -> web.Response:
+def checks_response(checks: dict[str, str]) -> web.Response:
+    """The JSON of ``/healthz`` and ``/readyz``: 200 when every check is ok, else 503."""
     ok = all(v == "ok" for v in checks.values())
     return web.Response(
         body=orjson.dumps({"status": "ok" if ok else "fail", "checks": checks}),

@@ -65,6 +65,7 @@ from dispatcher.errors import (
     DispatcherError,
     KafkaUnavailable,
 )
+from dispatcher.health import checks_response
 from dispatcher.settings import Settings
 from dispatcher.systemd import Notifier
 
@@ -216,15 +217,6 @@ def merge_checks(
     return checks
 
 
-def _answer(checks: dict[str, str]) -> web.Response:
-    ok = all(v == "ok" for v in checks.values())
-    return web.Response(
-        body=orjson.dumps({"status": "ok" if ok else "fail", "checks": checks}),
-        status=200 if ok else 503,
-        content_type="application/json",
-    )
-
-
 # --- the children -----------------------------------------------------------------------
 
 
@@ -341,7 +333,7 @@ class Supervisor:
         return web.Response(body=merged, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        return _answer(await self.readiness())
+        return checks_response(await self.readiness())
 
     async def healthz(self, _request: web.Request) -> web.Response:
         """Liveness: the children that run answer 200; one restarting is the supervisor's
@@ -349,7 +341,7 @@ class Supervisor:
         up = [c for c in self.children if c.up]
         answers = await asyncio.gather(*(self._checks(c, "/healthz") for c in up))
         checks = merge_checks({c.name: a for c, a in zip(up, answers, strict=True)}, stopping=False)
-        return _answer(checks)
+        return checks_response(checks)
 
     async def readiness(self) -> dict[str, str]:
         """The children's /readyz checks merged (a child not running is not ready)."""
