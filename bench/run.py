@@ -365,7 +365,8 @@ async def imports(ctx: Context) -> dict[str, Any]:
     seconds = await workload.produce_bulk(ctx.bulk, ctx.topics.events, make, n)
     ctx.say(f"import: {n} item events pre-produced in {seconds:.1f} s")
     expected = math.ceil(n / IMPORT_BATCH_SIZE)
-    async with dispatcher(ctx, "import") as running:
+    profile = ctx.opts.profile and ctx.opts.only == "import"
+    async with dispatcher(ctx, "import", profile=profile) as running:
         result = await deliveries(ctx, running, "import", requests=expected, entities=n)
         result.pop("latency_ms")
         result["peak_rss_mb"] = mb(running.memory_mib().get("VmHWM"))
@@ -781,6 +782,8 @@ async def run_scenarios(ctx: Context, results: dict[str, Any]) -> None:
         results["ceiling_batch"] = await batch_ceiling(ctx)
         results["import"] = await imports(ctx)
         runs["runs"]["end"] = await ceiling(ctx, "end")
+        if ctx.opts.profile:
+            results["profile"] = profiling.summarize(ctx.work / "dispatcher-import.prof")
         return
     runs["runs"]["start"] = await ceiling(ctx, "start")
     results["throughput"], results["latency"] = await throughput_and_latency(ctx)

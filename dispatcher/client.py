@@ -7,7 +7,6 @@ subscriber can act on.
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import functools
 import ipaddress
@@ -17,17 +16,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import aiohttp
 from yarl import URL
 
 from dispatcher import __version__
+from dispatcher.http_connections import CannotConnect, ConnectionPool
 from dispatcher.netguard import BlockedAddress, GuardedResolver, is_blocked
 from dispatcher.policy import clamp_retry_after
 from dispatcher.settings import IPNetwork, Settings
 
 USER_AGENT = f"webhook-dispatcher/{__version__}"
 _BODY_HEAD = 4096  # bytes of a failed response kept (delivery history, notice)
-_DRAIN_HEAD = 512  # bytes of a 200's body read so that the connection can be reused
 
 ErrorKind = Literal["http", "timeout", "connection", "tls", "blocked"]
 
@@ -104,7 +102,8 @@ def literal_blocked(url: URL, allowed: Sequence[IPNetwork]) -> bool:
 
 
 class HttpClient:
-    """An aiohttp session configured for webhook delivery. Use as an async context."""
+    """Webhook POSTs over pooled keep-alive connections
+    (:mod:`dispatcher.http_connections`). Use as an async context."""
 
     def __init__(
         self,
@@ -115,12 +114,12 @@ class HttpClient:
         limit: int = 256,
         limit_per_host: int = 8,
     ) -> None:
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._allowed = tuple(allowed)
         self._ca_file = ca_file
         self._limit = limit
         self._limit_per_host = limit_per_host
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
         # URL -> whether it names a forbidden address literally: asked once per URL, not
         # per delivery (hashing the allowed networks alone is a few Python calls)
         self._blocked: dict[str, bool] = {}
@@ -136,30 +135,24 @@ class HttpClient:
         )
 
     async def __aenter__(self) -> HttpClient:
-        connector = aiohttp.TCPConnector(
+        self._pool = ConnectionPool(
+            ssl_context=ssl_context(self._ca_file),
             resolver=GuardedResolver(self._allowed),
-            ssl=ssl_context(self._ca_file),
+            user_agent=USER_AGENT,
             limit=self._limit,
             limit_per_host=self._limit_per_host,
-            ttl_dns_cache=10,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            headers={"User-Agent": USER_AGENT},
-            auto_decompress=False,
-            skip_auto_headers=("Accept-Encoding",),
-        )
+        await self._pool.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Outcome:
         """POST ``body`` as JSON; never raises for network or HTTP trouble."""
-        assert self._session is not None, "HttpClient used outside 'async with'"
+        assert self._pool is not None, "HttpClient used outside 'async with'"
         start = time.perf_counter()
 
         def took() -> float:
@@ -179,62 +172,37 @@ class HttpClient:
                 took(),
             )
         try:
-            async with self._session.post(
-                target,
-                data=body,
-                headers={"Content-Type": "application/json", **headers},
-                allow_redirects=False,
-            ) as response:
-                if response.status == 200:
-                    # Delivered: the status is final. Read a little of the body so the
-                    # connection can be reused; a huge or slow body must not turn a
-                    # delivered message into a failure, so trouble here is ignored.
-                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
-                        await response.content.read(_DRAIN_HEAD)
-                    return Outcome(200, None, "200 OK", took())
-                head = await _read_head(response.content, _BODY_HEAD)
-                return Outcome(
-                    response.status,
-                    "http",
-                    f"HTTP {response.status} {response.reason or ''}".strip(),
-                    took(),
-                    body_head=head.decode("utf-8", "replace"),
-                    retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
-                )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            return Outcome(None, "timeout", f"no answer within {self._timeout.total:g} s", took())
-        except aiohttp.ClientConnectorError as exc:
-            return _connector_failure(exc, took())
-        except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
+            response = await self._pool.post(
+                target, body, headers, within=self._timeout, head_limit=_BODY_HEAD
+            )
+        except TimeoutError:
+            return Outcome(None, "timeout", f"no answer within {self._timeout:g} s", took())
+        except BlockedAddress as exc:
+            return Outcome(None, "blocked", str(exc), took())
+        except ssl.SSLCertVerificationError as exc:
+            return Outcome(None, "tls", f"TLS certificate error: {exc}", took())
+        except ssl.SSLError as exc:
             return Outcome(None, "tls", f"TLS error: {exc}", took())
-        except (aiohttp.ClientError, OSError) as exc:
+        except CannotConnect as exc:
+            cause = exc.cause
+            return Outcome(
+                None,
+                "connection",
+                f"cannot connect to {exc.host}:{exc.port}: {cause.strerror or cause}",
+                took(),
+            )
+        except OSError as exc:
             return Outcome(None, "connection", f"connection error: {_describe(exc)}", took())
-
-
-async def _read_head(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to ``limit`` bytes of a body (``read(n)`` returns what arrived so far)."""
-    head = b""
-    while len(head) < limit:
-        chunk = await content.read(limit - len(head))
-        if not chunk:
-            break
-        head += chunk
-    return head
-
-
-def _connector_failure(exc: aiohttp.ClientConnectorError, duration_ms: float) -> Outcome:
-    if isinstance(exc.os_error, BlockedAddress):
-        return Outcome(None, "blocked", str(exc.os_error), duration_ms)
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return Outcome(None, "tls", f"TLS certificate error: {exc.certificate_error}", duration_ms)
-    if isinstance(exc, aiohttp.ClientConnectorSSLError):
-        return Outcome(None, "tls", f"TLS error: {exc.os_error}", duration_ms)
-    return Outcome(
-        None,
-        "connection",
-        f"cannot connect to {exc.host}:{exc.port}: {exc.os_error.strerror or exc.os_error}",
-        duration_ms,
-    )
+        if response.status == 200:
+            return Outcome(200, None, "200 OK", took())
+        return Outcome(
+            response.status,
+            "http",
+            f"HTTP {response.status} {response.reason}".strip(),
+            took(),
+            body_head=response.body_head.decode("utf-8", "replace"),
+            retry_after=parse_retry_after(response.retry_after, time.time()),
+        )
 
 
 def _describe(exc: BaseException) -> str:
