@@ -43,7 +43,7 @@ from dispatcher.endpoint_gate import (
     Limits,
     Ticket,
 )
-from dispatcher.history import AttemptLog, AttemptRecord, Trigger
+from dispatcher.history import AttemptLog, Trigger
 from dispatcher.metrics import Metrics
 from dispatcher.notices import Failure, Notice
 from dispatcher.notification import Notification
@@ -191,11 +191,10 @@ class Attempts:
         _log_attempt(webhook, notification, n_retry, outcome)
         self._metrics.observe(outcome.label, outcome.duration_ms)
         if self._log is not None:
-            record = AttemptRecord.of(
+            self._log.add_attempt(
                 notification, webhook.environment_id, n_retry,
                 at=at, body=body, outcome=outcome, trigger=trigger,
             )  # fmt: skip
-            self._log.add(record)
         if not outcome.ok and follow_up:
             failure = Failure(n_retry, self._clock(), body, outcome)
             await self._failed(webhook, notification, failure)

@@ -97,7 +97,8 @@ class Recorder(Consumer):
 
     async def process(self, tp: TopicPartition, records: list[Record]) -> None:
         """One write for every attempt record of this fetch of ``tp`` (each Kafka record
-        holds the attempts of a few milliseconds, as a JSON array)."""
+        holds the attempts of up to a quarter of a second, as a JSON array: see
+        :class:`~dispatcher.history.AttemptLog`)."""
         taken: list[Record] = []
         for record in records:
             if not self.accepting(tp):

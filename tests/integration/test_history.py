@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from dispatcher.client import Outcome
-from dispatcher.history import AttemptRecord, History, partition_name
+from dispatcher.history import FIELDS, AttemptRecord, History, partition_name, row_values
 from dispatcher.notification import Notification
 from dispatcher.store import Principal, Store, Webhook
 from tests.integration.support import (
@@ -38,6 +38,7 @@ from tests.integration.support import (
     stack,
 )
 from tests.integration.test_api import Reply, check_against_doc, load_openapi
+from tests.unit.test_attempt_records import array, legacy, obj
 
 OPENAPI = load_openapi()
 ISO_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -573,29 +574,73 @@ async def test_a_response_body_with_nul_bytes_is_recorded_not_refused(pool: asyn
     assert row["response_body"] == "bin\ufffdary" and "\x00" not in row["request_body"]
 
 
+async def test_postgresql_decodes_todays_records_and_those_of_the_dispatchers_before_alike(
+    pool: asyncpg.Pool,
+) -> None:
+    """The recorder's fast path (PostgreSQL decodes the topic's JSON): arrays, objects and
+    the objects of the dispatchers before, mixed in one write, give the rows the checked
+    path (row_values) gives; a replay in another form adds nothing."""
+    history = History(pool)
+    webhook_id, now = uuid.uuid4(), time.time()
+    records = [
+        record(webhook_id, now - 4, ok=True),
+        record(webhook_id, now - 3, ok=False, n_retry=1),
+        replace(record(webhook_id, now - 2, ok=False, n_retry=2), status=None, outcome="timeout"),
+        replace(record(webhook_id, now - 1, ok=True), entity_ids=("a", "b", "7")),
+    ]
+    await history.ensure_partition(datetime.fromtimestamp(now, UTC).date())
+    forms = [array(records[0]), legacy(records[1]), obj(records[2]), array(records[3])]
+    written = await history.write_json(b"[" + b",".join(forms) + b"]")
+    assert (written.given, written.valid, written.inserted) == (4, 4, 4)
+    assert written.failing == {webhook_id}
+    again = [legacy(records[0]), array(records[1]), legacy(records[2]), obj(records[3])]
+    replayed = await history.write_json(b"[" + b",".join(again) + b"]")
+    assert (replayed.given, replayed.valid, replayed.inserted) == (4, 4, 0)
+
+    rows = await pool.fetch(
+        "SELECT id, attempted_at, webhook_id, environment_id, notification_uuid, n_retry, "
+        "duration_ms, outcome, status, error, entity_ids, trigger, request_body, "
+        "response_body FROM webhook_attempts WHERE webhook_id = $1 ORDER BY attempted_at",
+        webhook_id,
+    )
+    for row, r in zip(rows, records, strict=True):
+        checked = row_values(orjson.loads(r.encode()))
+        assert tuple(row.values())[:10] == checked[:10]
+        assert row["entity_ids"] == orjson.loads(checked[10]) == list(r.entity_ids)
+        assert tuple(row.values())[11:] == checked[11:]
+    health = await health_row(pool, webhook_id)
+    assert health["consecutive_failures"] == 0  # the newest attempt was delivered
+
+
 async def test_the_recorder_writes_every_kind_of_record_on_the_topic_and_refuses_the_bad(
     world: World, pool: asyncpg.Pool
 ) -> None:
     """PostgreSQL decodes the attempt topic's JSON (the recorder's fast path); what it
     cannot take (NUL escapes, a day with no partition, a value not JSON) goes through the
     checked path: each good attempt becomes one row, a replay adds none, and records not of
-    the attempt record's shape are left out and counted as recorder errors."""
+    the attempt record's shape are left out and counted as recorder errors. Records in
+    arrays, and those of the dispatchers before (left on the topic by a rolling upgrade),
+    are written like today's objects."""
     running = await world.start()
     webhook_id, now = uuid.uuid4(), time.time()
     good = [record(webhook_id, now - 3, ok=True), record(webhook_id, now - 2, ok=False)]
+    before = [record(webhook_id, now - 5, ok=True), record(webhook_id, now - 4, ok=False)]
     nul = replace(record(webhook_id, now - 1, ok=False), response_body="bin\x00ary")
     old = record(webhook_id, now - 50 * 86400, ok=False)  # its day has no partition
-    wrong = orjson.loads(record(webhook_id, now, ok=True).encode())
-    wrong["outcome"] = "teleported"
+    wrong = orjson.loads(array(record(webhook_id, now, ok=True)))
+    wrong[FIELDS.index("outcome")] = "teleported"
     topic = world.settings.attempt_topic
     errors_before = await metric(running.base_url, "webhook_recorder_errors_total")
     values = [
-        b"[" + b",".join(r.encode() for r in good) + b"]",
-        b"[" + nul.encode() + b"]",
-        b"[" + old.encode() + b"]",
+        b"[" + array(good[0]) + b"," + obj(good[1]) + b"]",
+        b"[" + array(nul) + b"]",
+        b"[" + obj(old) + b"]",
         orjson.dumps([wrong]),
         b"not json at all",
         b"[" + good[0].encode() + b"]",  # a replay
+        b"[" + legacy(before[0]) + b"]",  # an array of objects, as the dispatchers before
+        legacy(before[1]),  # one object alone
+        b"[" + legacy(good[1]) + b"]",  # a replay, in the old form
     ]
     for value in values:
         await (await world.producer.send(topic, value))
@@ -608,7 +653,7 @@ async def test_the_recorder_writes_every_kind_of_record_on_the_topic_and_refuses
         )
 
     async with asyncio.timeout(WAIT):
-        while await written() < 4:
+        while await written() < 6:
             await asyncio.sleep(0.1)  # polling with a deadline: the recorder is async
         while await metric(running.base_url, "webhook_recorder_errors_total") < errors_before + 2:
             await asyncio.sleep(0.1)
@@ -616,7 +661,8 @@ async def test_the_recorder_writes_every_kind_of_record_on_the_topic_and_refuses
         "SELECT id, outcome, response_body FROM webhook_attempts WHERE webhook_id = $1",
         webhook_id,
     )
-    assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in [*good, nul, old])
+    expected = [*good, nul, old, *before]
+    assert sorted(str(r["id"]) for r in rows) == sorted(str(r.id) for r in expected)
     kept = {str(r["id"]): r["response_body"] for r in rows}
     assert kept[str(nul.id)] == "bin\ufffdary"
     health = await health_row(pool, webhook_id)
