@@ -522,6 +522,17 @@ async def readiness(base_url: str) -> tuple[int, dict[str, str]]:
     return status, checks
 
 
+async def wait_status(process: Process, status: int, within: float) -> dict[str, str]:
+    """Poll /readyz until it answers ``status``; the checks it gave then."""
+    base = f"http://127.0.0.1:{process.port}"
+    async with asyncio.timeout(within):
+        while True:
+            got, checks = await readiness(base)
+            if got == status:
+                return checks
+            await asyncio.sleep(0.2)  # polling readiness with a deadline
+
+
 def sample(text: str, name: str, labels: str = "") -> float:
     """The value of one sample in Prometheus text format (0 when absent)."""
     pattern = re.escape(name + (("{" + labels + "}") if labels else "")) + r" ([0-9.e+-]+)"

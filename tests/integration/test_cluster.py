@@ -30,6 +30,7 @@ from tests.integration.support import (
     make_event,
     readiness,
     subscribe,
+    wait_status,
 )
 
 READY_WITHIN = 10.0  # seconds from a loss of consumption to a failing /readyz
@@ -112,17 +113,6 @@ async def wait_received(receiver: Receiver, uuids: list[str], timeout: float = W
         while missing := set(uuids) - set(entity_uuids(receiver)):
             await asyncio.sleep(0.1)  # polling the receiver with a deadline
     assert not missing
-
-
-async def wait_status(process: Process, status: int, within: float) -> dict[str, str]:
-    """Poll /readyz until it answers ``status``; the checks it gave then."""
-    base = f"http://127.0.0.1:{process.port}"
-    async with asyncio.timeout(within):
-        while True:
-            got, checks = await readiness(base)
-            if got == status:
-                return checks
-            await asyncio.sleep(0.2)  # polling readiness with a deadline
 
 
 def alert_lines(process: Process, since: float, until: float) -> list[dict[str, Any]]:
