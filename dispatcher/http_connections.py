@@ -157,6 +157,8 @@ class _Connection(asyncio.Protocol):
         if self._complete:
             return
         self._complete = True
+        if self._waiter is not None:  # none is left waiting
+            self._fail(Disconnected("the exchange ended without an answer"))
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -240,6 +242,7 @@ class _Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: an interim answer, the real one follows
             self._reason = b""
+            self._retry_after = None
             return
         self._status = status
         if status == 200:
@@ -325,6 +328,8 @@ class ConnectionPool:
             if not waiter.done():
                 waiter.set_exception(ConnectionError("the connection pool is closed"))
         self._waiters.clear()
+        for lookup in list(self._dns_pending.values()):
+            lookup.cancel()
         for conn in list(self._open):
             conn._close()
         for endpoint in self._endpoints.values():
@@ -347,15 +352,17 @@ class ConnectionPool:
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         lines.append("\r\n")
         request = prefix + "\r\n".join(lines).encode("latin-1") + body
-        for _ in range(2):  # the second time only for a connection found closed (_Stale)
-            conn = await self._acquire(key, deadline)
+        for fresh in (False, True):  # again, on a new connection, after a _Stale one
+            conn = await self._acquire(key, deadline, fresh=fresh)
+            waiter = conn.send(request, deadline, head_limit)
             try:
-                return await conn.send(request, deadline, head_limit)
+                return await waiter
             except _Stale:
                 continue
             except asyncio.CancelledError:
-                conn._close()
-                conn._finish(reusable=False)
+                if conn._waiter is waiter:  # still our exchange (not answered and reused)
+                    conn._close()
+                    conn._finish(reusable=False)
                 raise
         raise Disconnected("the endpoint closed two connections before answering")
 
@@ -382,23 +389,28 @@ class ConnectionPool:
 
     # --- connections ----------------------------------------------------------------
 
-    async def _acquire(self, key: tuple[str, str, int], deadline: float) -> _Connection:
+    async def _acquire(
+        self, key: tuple[str, str, int], deadline: float, *, fresh: bool = False
+    ) -> _Connection:
+        """A connection of ``key`` (an idle one unless ``fresh``), counted in use."""
         if self._closed:
             raise ConnectionError("the connection pool is closed")
         endpoint = self._endpoint(key)
-        while endpoint.in_use >= self._limit_per_host or self._in_use >= self._limit:
-            await self._wait_for_room(key, deadline)
-            endpoint = self._endpoint(key)  # the sweep may have let an unused one go
+        if endpoint.in_use >= self._limit_per_host or self._in_use >= self._limit:
+            await self._wait_for_room(key, deadline)  # returns with the room taken for us
+            endpoint = self._endpoint(key)  # the same one: in use, so never swept
+            if self._closed:
+                self._give_back(endpoint)
+                raise ConnectionError("the connection pool is closed")
+        else:
+            endpoint.in_use += 1
+            self._in_use += 1
         now = self.loop.time()
-        while endpoint.idle:
+        while endpoint.idle and not fresh:
             conn = endpoint.idle.pop()
             if not conn.closed and now - conn.idle_since < self._keepalive:
-                endpoint.in_use += 1
-                self._in_use += 1
                 return conn
             conn._close()
-        endpoint.in_use += 1
-        self._in_use += 1
         try:
             async with asyncio.timeout_at(deadline):
                 return await self._connect(endpoint)
@@ -421,7 +433,7 @@ class ConnectionPool:
                 await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                self._wake()  # woken, but leaving: the room goes to the next in line
+                self._give_back(self._endpoint(key))  # woken, but leaving: pass it on
             raise
         finally:
             if not waiter.done():
@@ -447,6 +459,8 @@ class ConnectionPool:
                     address["port"],
                     family=address["family"],
                     proto=address.get("proto", 0),
+                    # an address, never a name: nothing reaches DNS past the guard
+                    flags=socket.AI_NUMERICHOST,
                     ssl=tls,
                     server_hostname=host if tls is not None else None,
                 )
@@ -469,26 +483,24 @@ class ConnectionPool:
         cached = self._dns.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        pending = self._dns_pending.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[list[dict[str, Any]]] = self.loop.create_future()
-        self._dns_pending[key] = future
+        lookup = self._dns_pending.get(key)
+        if lookup is None:
+            # A task of its own, shared by every request for the host meanwhile: one
+            # request's deadline or cancellation must not end the others' lookup.
+            lookup = self._dns_pending[key] = asyncio.ensure_future(self._lookup(host, port))
+            lookup.add_done_callback(_retrieve)
+        return await asyncio.shield(lookup)
+
+    async def _lookup(self, host: str, port: int) -> list[dict[str, Any]]:
+        key = (host, port)
         try:
             results = [dict(r) for r in await self._resolver.resolve(host, port, socket.AF_UNSPEC)]
-        except BaseException as exc:
-            if not future.done():
-                future.set_exception(exc)
-                future.exception()  # retrieved: no "never retrieved" warning
-            raise
-        else:
-            if len(self._dns) >= 4096:
-                self._dns.clear()
-            self._dns[key] = (now + DNS_TTL_SECONDS, results)
-            future.set_result(results)
-            return results
         finally:
             del self._dns_pending[key]
+        if len(self._dns) >= 4096:
+            self._dns.clear()
+        self._dns[key] = (self.loop.time() + DNS_TTL_SECONDS, results)
+        return results
 
     def _released(self, conn: _Connection, *, reusable: bool) -> None:
         """From a connection whose exchange is over."""
@@ -505,13 +517,18 @@ class ConnectionPool:
         self._wake()
 
     def _wake(self) -> None:
-        if not self._waiters or self._in_use >= self._limit:
-            return
+        """Hand free room to the first waiters who can use it, in the order they came:
+        the room is taken for them here, so a request arriving meanwhile cannot take it."""
         for key, waiter in self._waiters:
-            endpoint = self._endpoints.get(key)
-            if not waiter.done() and (endpoint is None or endpoint.in_use < self._limit_per_host):
-                waiter.set_result(None)
+            if self._in_use >= self._limit:
                 return
+            if waiter.done():
+                continue
+            endpoint = self._endpoint(key)
+            if endpoint.in_use < self._limit_per_host:
+                endpoint.in_use += 1
+                self._in_use += 1
+                waiter.set_result(None)
 
     def _lost(self, conn: _Connection) -> None:
         """A connection closed: forget it (an idle one leaves its endpoint's idle ones)."""
@@ -533,14 +550,25 @@ class ConnectionPool:
             self._sweeper = self.loop.call_later(self._keepalive, self._sweep)
 
 
+def _retrieve(lookup: asyncio.Future[Any]) -> None:
+    """Mark a shared lookup's exception seen (its requests may all have given up)."""
+    if not lookup.cancelled():
+        lookup.exception()
+
+
 def _token(text: str) -> bool:
     """Printable ASCII without spaces: safe in a request line or a header."""
     return text.isascii() and text.isprintable() and " " not in text
 
 
 def _is_ip(host: str) -> bool:
+    """Whether ``host`` is an IP address (a zone suffix ``%...`` only on IPv6): such a
+    host is connected to as is; anything else goes through the resolver (the guard)."""
     try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host.split("%")[0])
+        if ":" in host:
+            socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        else:
+            socket.inet_pton(socket.AF_INET, host)
     except OSError:
         return False
     return True

@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from dispatcher.client import HttpClient
+from dispatcher.http_connections import ConnectionPool
 from tests.integration.support import Tls
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -307,3 +311,46 @@ async def test_the_deadline_covers_waiting_for_a_free_connection(
     assert [o.error_kind for o in outcomes] == ["timeout"] * 3
     assert len(server.requests) == 1  # the two others never got a connection
     assert server.most_open == 1
+
+
+class SlowResolver(AbstractResolver):
+    """Resolves every name to 127.0.0.1 once ``release`` is set; counts lookups."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.lookups = 0
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.lookups += 1
+        await self.release.wait()
+        return [
+            {"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET,
+             "proto": 0, "flags": socket.AI_NUMERICHOST}
+        ]  # fmt: skip
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_request_giving_up_on_a_shared_dns_lookup_leaves_it_to_the_others(
+    tls: Tls, scripted: Callable[[Answer], Awaitable[Scripted]]
+) -> None:
+    async def answer(connection: int, index: int) -> bytes:
+        return ok()
+
+    server = await scripted(answer)
+    port = URL(server.url).port
+    resolver = SlowResolver()
+    context = ssl.create_default_context(cafile=tls.ca_file)
+    url = URL(f"https://localhost:{port}/hook")
+    async with ConnectionPool(ssl_context=context, resolver=resolver, user_agent="t") as pool:
+        hurried = asyncio.ensure_future(pool.post(url, BODY, HEADERS, within=0.3, head_limit=0))
+        patient = asyncio.ensure_future(pool.post(url, BODY, HEADERS, within=10, head_limit=0))
+        with pytest.raises(TimeoutError):
+            await hurried  # its deadline passed during the lookup
+        resolver.release.set()
+        response = await patient  # not cancelled along with it: the lookup went on
+    assert response.status == 200
+    assert resolver.lookups == 1
