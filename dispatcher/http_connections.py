@@ -252,9 +252,8 @@ class _Connection(asyncio.Protocol):
         if self._status < 200:
             return
         self._drained += len(body)
-        room = self._head_limit - len(self._body)
-        if room > 0:
-            self._body += body[:room]
+        if self._waiter is not None:  # not answered yet (a 200 is, at its headers)
+            self._body += body[: self._head_limit - len(self._body)]
             if len(self._body) >= self._head_limit:
                 self._answer()
         if self._drained > MAX_DRAIN:
