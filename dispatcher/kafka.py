@@ -67,6 +67,7 @@ PROBE_TIMEOUT = 2.0  # seconds one probe of a partition leader may take
 RESET_AFTER = 10.0  # seconds a client stays stuck before its cluster view is reset
 RESET_INTERVAL = 30.0  # seconds between two resets of the same client
 MAX_NAMED = 3  # partitions named in one reason; the rest are counted
+RECOVERY_HOLD = 10.0  # seconds an outage outlives its problems without a commit proving it over
 
 
 # --- building clients --------------------------------------------------------------------
@@ -270,6 +271,7 @@ class CommitHealth:
     pending_since: float | None = None  # monotonic time the commit under way started
     failing_since: float | None = None  # when the first commit that failed started
     last_attempt: float = field(default_factory=time.monotonic)
+    succeeded_at: float | None = None  # when the last commit that succeeded ended
     outage: Outage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -285,6 +287,7 @@ class CommitHealth:
 
     def succeeded(self) -> None:
         self.pending_since = self.failing_since = None
+        self.succeeded_at = time.monotonic()
         self.outage.recovered()
 
     def failed(self, exc: BaseException) -> None:
@@ -293,9 +296,10 @@ class CommitHealth:
         self.pending_since = None
         self.outage.failed(repr(exc))
 
-    def problem(self, now: float) -> str | None:
-        """Why commits cannot be trusted now, if they failed or hung long enough."""
-        if self.failing_since is not None and now - self.failing_since > STALE_AFTER:
+    def problem(self, now: float, grace: float = STALE_AFTER) -> str | None:
+        """Why commits cannot be trusted now, if they failed for over ``grace`` seconds
+        (none during an outage) or hung long enough."""
+        if self.failing_since is not None and now - self.failing_since > grace:
             return f"offsets not committed for {now - self.failing_since:.0f}s: {self.outage.error}"
         if self.pending_since is not None and now - self.pending_since > COMMIT_STALE_AFTER:
             return f"offset commit unanswered for {now - self.pending_since:.0f}s"
@@ -317,6 +321,8 @@ class KafkaHealth:
     _probes: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _stuck_since: dict[str, float] = field(default_factory=dict)
     _reset_at: dict[str, float] = field(default_factory=dict)
+    _outage_since: float | None = None  # when the problems of the outage under way began
+    _clear_since: float | None = None  # when they last cleared, the outage not yet over
     _outage: Outage = field(
         default_factory=lambda: Outage(
             "kafka_outage_started", "kafka_outage_continues", "kafka_outage_ended"
@@ -350,12 +356,38 @@ class KafkaHealth:
         found = await self._producer_problems(now)
         if found:
             problems["producer"] = found
+        troubled = set(problems)
+        if troubled:
+            self._clear_since = None
+        elif self._outage_since is not None:
+            problems = self._unproven_recovery(now)
         self.problems = [f"{name}: {', '.join(why)}" for name, why in problems.items()]
         if self.problems:
+            if self._outage_since is None:
+                self._outage_since = now
             self._outage.failed("; ".join(self.problems))
         else:
+            self._outage_since = self._clear_since = None
             self._outage.recovered()
-        await self._reset_stuck(set(problems), now)
+        await self._reset_stuck(troubled, now)
+
+    def _unproven_recovery(self, now: float) -> dict[str, list[str]]:
+        """The problems of an outage have cleared: it is over once every consumer that
+        ever committed has committed since it began (an idle one is probed every 3 s), or
+        after :data:`RECOVERY_HOLD` seconds without a problem. Until then it goes on, so
+        that a moment between two problems (fetches answered by a new leader before the
+        next commit fails) is not taken for the end of it."""
+        assert self._outage_since is not None
+        if self._clear_since is None:
+            self._clear_since = now
+        if now - self._clear_since >= RECOVERY_HOLD:
+            return {}
+        since = self._outage_since
+        return {
+            w.name: ["no offset commit succeeded since the outage began"]
+            for w in self.workers
+            if w.commits.succeeded_at is not None and w.commits.succeeded_at < since
+        }
 
     # --- consumers --------------------------------------------------------------------
 
@@ -394,7 +426,9 @@ class KafkaHealth:
                 found.append(f"no group coordinator for {age:.0f}s")
         else:
             self._first_seen.pop(key, None)
-        commit = worker.commits.problem(now)
+        # During an outage a failed commit counts at once: it is no blip.
+        grace = 0.0 if self._outage_since is not None else STALE_AFTER
+        commit = worker.commits.problem(now, grace)
         if commit is not None:
             found.append(commit)
         return found

@@ -17,7 +17,7 @@ import structlog
 from aiokafka import TopicPartition
 
 from dispatcher import kafka
-from dispatcher.kafka import CommitHealth, KafkaHealth
+from dispatcher.kafka import RECOVERY_HOLD, CommitHealth, KafkaHealth
 from dispatcher.settings import Settings
 
 TP0, TP1, TP2 = (TopicPartition("events", p) for p in range(3))
@@ -206,3 +206,65 @@ async def test_a_metadata_task_that_died_is_started_again_and_a_live_one_is_left
     restarted = [e for e in logs if e["event"] == "kafka_metadata_task_restarted"]
     assert len(restarted) == 1 and "handler is closed" in restarted[0]["error"]
     client._sync_task.cancel()
+
+
+async def test_an_outage_ends_on_a_commit_not_on_a_quiet_moment_between_two_problems() -> None:
+    """Two brokers lost: fetches stop (readiness fails), a new leader answers them again
+    before the next commit probe fails. The outage goes on through that moment, a commit
+    failing during it counts at once, and it ends when a commit succeeds: one outage in
+    the log, not two."""
+    clock = Clock()
+    consumer = FakeConsumer({TP0}, polled_ms={TP0: ago_ms(0.1)})
+    worker = FakeWorker(consumer)
+    worker.commits.succeeded()  # it committed before the outage
+    kafka = health(worker, clock)
+    with structlog.testing.capture_logs() as lines:
+        await kafka.sample()
+        assert kafka.problems == []
+        clock.now += 5
+        consumer.polled_ms[TP0] = ago_ms(5)  # no fetch answered since
+        await kafka.sample()
+        assert kafka.problems == ["dispatch: no fetch answered for 5s from the leader of events[0]"]
+        clock.now += 1
+        consumer.polled_ms[TP0] = ago_ms(0.1)  # the new leader answers
+        await kafka.sample()
+        assert kafka.problems == ["dispatch: no offset commit succeeded since the outage began"]
+        worker.commits.started()
+        worker.commits.failed(TimeoutError())  # the probe's commit fails: no grace now
+        clock.now += 1
+        await kafka.sample()
+        assert kafka.problems[0].startswith("dispatch: offsets not committed for"), kafka.problems
+        worker.commits.succeeded()
+        worker.commits.succeeded_at = clock.now  # the cluster healed
+        clock.now += 1
+        await kafka.sample()
+        assert kafka.problems == []
+    events = [line["event"] for line in lines if line["event"].startswith("kafka_outage")]
+    assert events == ["kafka_outage_started", "kafka_outage_ended"], events
+
+
+async def test_an_outage_without_a_commit_to_prove_its_end_ends_after_the_hold() -> None:
+    """A consumer that has nothing to commit again (it owns no committed offset) cannot
+    prove the outage over: it ends once no problem was seen for RECOVERY_HOLD seconds."""
+    clock = Clock()
+    consumer = FakeConsumer({TP0}, polled_ms={TP0: ago_ms(0.1)})
+    worker = FakeWorker(consumer)
+    worker.commits.succeeded()
+    kafka = health(worker, clock)
+    await kafka.sample()
+    clock.now += 5
+    consumer.polled_ms[TP0] = ago_ms(5)
+    await kafka.sample()
+    assert kafka.problems != []
+    consumer.polled_ms[TP0] = ago_ms(0.1)
+    clock.now += 1
+    await kafka.sample()
+    assert kafka.problems != []  # the hold starts
+    clock.now += RECOVERY_HOLD - 1
+    consumer.polled_ms[TP0] = ago_ms(0.1)
+    await kafka.sample()
+    assert kafka.problems != []
+    clock.now += 1
+    consumer.polled_ms[TP0] = ago_ms(0.1)
+    await kafka.sample()
+    assert kafka.problems == []
