@@ -44,7 +44,7 @@ from dispatcher.imports import ImportBatcher
 from dispatcher.metrics import Metrics
 from dispatcher.notice_consumer import NoticeConsumer
 from dispatcher.policy import DelayTiers, RetryPolicy
-from dispatcher.recorder import Recorder
+from dispatcher.recorder import FETCH_MIN_BYTES, Recorder
 from dispatcher.recovery import Jobs
 from dispatcher.recovery_runner import RecoveryRunner
 from dispatcher.retry_consumer import RetryConsumer
@@ -297,7 +297,9 @@ class Daemon:
                 disabler = Disabler(self._pool, s)
                 if disabler.enabled:
                     self._background(group, disabler.run(), "webhook-disabler")
-                consumer = _consumer(s, f"{s.consumer_group}-attempts")
+                consumer = _consumer(
+                    s, f"{s.consumer_group}-attempts", fetch_min_bytes=FETCH_MIN_BYTES
+                )
                 recorder = Recorder(
                     consumer,
                     History(self._pool),

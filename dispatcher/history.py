@@ -63,15 +63,26 @@ FIELDS = (
 REQUIRED_FIELDS = FIELDS.index("error")  # the leading fields every array has
 _BODIES = FIELDS.index("request_body")  # where the bodies start (left out when too large)
 
-# uuid4's bits: the version (4) and the RFC 4122 variant, set on 128 random bits.
-_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64)) & ((1 << 128) - 1)
-_UUID4_SET = (0x8000 << 48) | (4 << 76)
+# Attempt ids are random (version 4) UUIDs as 32 hex digits, drawn 256 at a time: one
+# os.urandom call and one hex conversion for all of them, ~0.1 us an id against 0.7 for
+# one call each (a system call per attempt is costly on a virtual machine). A forked
+# child starts with none drawn, so no two processes share one.
+_IDS_PER_DRAW = 256
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))  # the 7th byte: version 4
+_VARIANT = bytes((b & 0x3F) | 0x80 for b in range(256))  # the 9th: the RFC 4122 variant
+_drawn_ids: list[str] = []
+os.register_at_fork(after_in_child=_drawn_ids.clear)
 
 
 def _new_id() -> str:
-    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` (a third of
-    its cost: no UUID object)."""
-    return "%032x" % (int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET)
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex``."""
+    if not _drawn_ids:
+        raw = bytearray(os.urandom(16 * _IDS_PER_DRAW))
+        raw[6::16] = raw[6::16].translate(_VERSION_4)
+        raw[8::16] = raw[8::16].translate(_VARIANT)
+        text = raw.hex()
+        _drawn_ids.extend(text[i : i + 32] for i in range(0, len(text), 32))
+    return _drawn_ids.pop()
 
 
 def _entity_ids(entities: Sequence[dict[str, Any]]) -> list[str]:
@@ -551,7 +562,7 @@ WITH records AS (
 ), rows AS (
     SELECT id, to_timestamp(attempted_at_ms / 1000.0) AS attempted_at, webhook_id,
            environment_id, notification_uuid, n_retry, duration_ms, outcome, status, error,
-           entity_ids::text AS entity_ids, trigger, request_body, response_body
+           entity_ids, trigger, request_body, response_body
     FROM given
     WHERE id IS NOT NULL AND attempted_at_ms IS NOT NULL AND webhook_id IS NOT NULL
       AND environment_id IS NOT NULL AND notification_uuid IS NOT NULL
@@ -570,7 +581,7 @@ ins AS (
                          request_body, response_body)
     SELECT id, attempted_at, webhook_id, environment_id, notification_uuid, n_retry,
            duration_ms, outcome, status, error,
-           ARRAY(SELECT jsonb_array_elements_text(entity_ids::jsonb)), trigger,
+           ARRAY(SELECT jsonb_array_elements_text(entity_ids::jsonb)), trigger,  -- jsonb or text
            request_body, response_body
     FROM rows
     ON CONFLICT DO NOTHING

@@ -36,6 +36,11 @@ DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 # SQLSTATE classes that waiting cures: connection, insufficient resources, operator
 # intervention (shutdown, cannot connect now), transaction rollback (deadlock, serialization).
 RETRIABLE_STATES = ("08", "53", "57", "40")
+# A fetch of the attempt topic waits (up to aiokafka's fetch_max_wait_ms, 0.5 s) for this
+# many bytes: under load one write then takes several of the attempt log's messages, and
+# the fixed cost of a fetch, a write and a commit is paid less often. A row appears at
+# most 0.5 s later for it.
+FETCH_MIN_BYTES = 128 * 1024
 
 
 def _payload(records: list[Record]) -> bytes | None:

@@ -6,6 +6,7 @@ the attempt log's batches."""
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -172,6 +173,25 @@ def test_new_ids_are_random_version_4_uuids() -> None:
     ids = [uuid.UUID(_new_id()) for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert {i.version for i in ids} == {4} and {i.variant for i in ids} == {uuid.RFC_4122}
+
+
+def test_a_forked_child_draws_ids_of_its_own() -> None:
+    """Ids are drawn 256 at a time: a child forked with some drawn and not used yet (a
+    supervisor's child, a worker) must not hand out the same ones as its parent."""
+    _new_id()  # some drawn, waiting in this process
+    waiting = set(history._drawn_ids)
+    assert waiting
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.write(write, _new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 64).decode()
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert uuid.UUID(child_id).version == 4
+    assert child_id not in waiting
 
 
 def test_nul_characters_are_replaced_in_every_form() -> None:
