@@ -2,13 +2,14 @@
 
 After each write of the delivery history the recorder tells the :class:`Disabler` which
 webhooks had failed attempts in it. A webhook is disabled when it has at least
-``MIN_FAILURES`` attempts since its last success, all failed, the first of them at least
-``DISPATCHER_DISABLE_AFTER_HOURS`` ago (0 disables nothing). A disabled webhook gets no
-attempts: its events are counted (``webhook_events_skipped{reason="webhook_disabled"}``)
-and not sent. Its owner gets one email, saying how to enable it again
-(``POST /webhooks/{id}/enable``, with ``recover_since`` to get what was missed): the
-disable and "mail pending" are one UPDATE, and the flag is cleared once SMTP accepted the
-mail, so a crash in between sends it again rather than never.
+``MIN_FAILURES`` attempts since its last success (and since it was last enabled again),
+all failed, the first of them at least ``DISPATCHER_DISABLE_AFTER_HOURS`` ago (0 disables
+nothing). A disabled webhook gets no attempts: its events are counted
+(``webhook_events_skipped{reason="webhook_disabled"}``) and not sent. Its owner gets one
+email, saying how to enable it again (``POST /webhooks/{id}/enable``, with
+``recover_since`` to get what was missed): the disable and "mail pending" are one UPDATE,
+and the flag is cleared once SMTP accepted the mail, so a crash in between sends it again
+rather than never.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ MIN_FAILURES = 10  # failed attempts in a row before a webhook may be disabled
 CHECK_SECONDS = 1.0  # noted webhooks are checked this often
 MAIL_SWEEP_SECONDS = 60.0  # pending mails (of a crashed process) are looked for this often
 
+# The failures counted start after the last success, or after the webhook was last
+# enabled again if that is later (see migration 0006): at least MIN_FAILURES of them, the
+# first at least the threshold ago. consecutive_failures (a count since the last success,
+# at least as large) filters first; the count since the start is bounded by the LIMIT.
 _DISABLE = """
 UPDATE webhooks w
 SET disabled_at = now(),
@@ -48,11 +53,26 @@ FROM webhook_health h
 WHERE w.id = h.webhook_id AND w.id = ANY($1::uuid[]) AND w.disabled_at IS NULL
   AND h.consecutive_failures >= $3
   AND coalesce(h.last_success_at, '-infinity') < h.last_failure_at
+  AND (SELECT count(*) FROM (
+           SELECT 1 FROM webhook_attempts a
+           WHERE a.webhook_id = w.id
+             AND a.attempted_at > GREATEST(coalesce(h.last_success_at, '-infinity'),
+                                           coalesce(w.enabled_at, '-infinity'))
+           LIMIT $3) AS failures) >= $3
   AND (SELECT min(a.attempted_at) FROM webhook_attempts a
        WHERE a.webhook_id = w.id
-         AND a.attempted_at > coalesce(h.last_success_at, '-infinity'))
+         AND a.attempted_at > GREATEST(coalesce(h.last_success_at, '-infinity'),
+                                       coalesce(w.enabled_at, '-infinity')))
       <= now() - make_interval(secs => $2::float8 * 3600)
 RETURNING w.id
+"""
+
+# One pending mail, claimed: the row stays locked while the mail is sent (an enable of
+# that webhook waits for it), and skipped by any other sweep meanwhile.
+_CLAIM_MAIL = """
+SELECT id, environment_id, entity_name, event_type, url, email, disabled_at, disabled_reason
+FROM webhooks WHERE id = $1 AND disabled_mail_pending
+FOR UPDATE SKIP LOCKED
 """
 
 
@@ -119,30 +139,36 @@ class Disabler:
             since_sweep += CHECK_SECONDS
 
     async def mail_pending(self) -> int:
-        """Send the email of every webhook disabled and not yet mailed; the mails sent."""
-        rows = await self._pool.fetch(
-            "SELECT id, environment_id, entity_name, event_type, url, email, disabled_at, "
-            "disabled_reason FROM webhooks WHERE disabled_mail_pending"
-        )
-        for row in rows:
-            try:
-                await self._send(render(dict(row.items()), self._settings.smtp_sender))
-            except aiosmtplib.SMTPException as exc:
-                if not permanent(exc):
-                    raise  # the server or the settings: the whole sweep backs off
-                # e.g. 550 no such mailbox: the same next time, and the others must go out
-                log.error(
-                    "webhook_disabled_mail_rejected", webhook_id=str(row["id"]), error=str(exc)
+        """Send the email of every webhook disabled and not yet mailed; the mails handled
+        (sent, or refused for good).
+
+        Every process of every instance runs a disabler, and all sweep at start: each
+        mail is claimed first (its webhook's row locked, ``SKIP LOCKED``), sent, and its
+        flag cleared in that one transaction, so two sweeps never send the same mail. A
+        crash while sending rolls the claim back: the mail is sent again, not lost."""
+        pending = await self._pool.fetch("SELECT id FROM webhooks WHERE disabled_mail_pending")
+        handled = 0
+        for (webhook_id,) in pending:
+            async with self._pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(_CLAIM_MAIL, webhook_id)
+                if row is None:  # another sweep has it, or it went out, or was enabled
+                    continue
+                try:
+                    await self._send(render(dict(row.items()), self._settings.smtp_sender))
+                except aiosmtplib.SMTPException as exc:
+                    if not permanent(exc):
+                        raise  # the server or the settings: the whole sweep backs off
+                    # e.g. 550 no such mailbox: the same next time, and the others must go
+                    log.error(
+                        "webhook_disabled_mail_rejected", webhook_id=str(webhook_id), error=str(exc)
+                    )
+                else:
+                    log.info("webhook_disabled_mail_sent", webhook_id=str(webhook_id))
+                await conn.execute(
+                    "UPDATE webhooks SET disabled_mail_pending = false WHERE id = $1", webhook_id
                 )
-            else:
-                log.info("webhook_disabled_mail_sent", webhook_id=str(row["id"]))
-            await self._pool.execute(
-                "UPDATE webhooks SET disabled_mail_pending = false "
-                "WHERE id = $1 AND disabled_at = $2",
-                row["id"],
-                row["disabled_at"],
-            )
-        return len(rows)
+            handled += 1
+        return handled
 
     async def _send(self, message: EmailMessage) -> None:
         s = self._settings

@@ -9,6 +9,7 @@ deadline, never sleep for it.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from dispatcher import signing
 from dispatcher.disabling import Disabler
+from dispatcher.history import AttemptRecord, History
 from dispatcher.recovery import Jobs
 from dispatcher.store import Principal, Store, Webhook
 from tests.integration.support import (
@@ -434,6 +436,68 @@ async def test_a_disabled_mail_refused_for_good_does_not_hold_back_the_others(
     )
     assert pending == []
     assert await disabler.mail_pending() == 0  # nothing is tried again
+
+
+async def test_two_sweeps_at_once_send_each_disabled_mail_once(
+    world: World, mailbox: Mailbox, pool: asyncpg.Pool
+) -> None:
+    """Every process sweeps the pending mails at start (``--processes 2``, or two
+    instances restarted together): each owner still gets one mail, not one per process."""
+    webhooks = []
+    for n in range(4):
+        shop = await world.new_shop(f"sweep{n}")
+        webhooks.append(
+            await subscribe(world.store, shop, world.receiver, email=f"dev{n}@sweep.test")
+        )
+    await pool.execute(
+        "UPDATE webhooks SET disabled_at = now(), disabled_reason = 'test', "
+        "disabled_mail_pending = true WHERE id = ANY($1::uuid[])",
+        [w.id for w in webhooks],
+    )
+    settings = replace(world.settings, smtp_host=mailbox.host, smtp_port=mailbox.port)
+    handled = await asyncio.gather(
+        Disabler(pool, settings).mail_pending(), Disabler(pool, settings).mail_pending()
+    )
+    assert sum(handled) == 4
+    assert sorted(m["To"] for m in mailbox.messages) == [f"dev{n}@sweep.test" for n in range(4)]
+    pending = await pool.fetchval(
+        "SELECT count(*) FROM webhooks WHERE disabled_mail_pending AND id = ANY($1::uuid[])",
+        [w.id for w in webhooks],
+    )
+    assert pending == 0
+
+
+async def test_an_enabled_webhook_is_not_disabled_again_by_the_failures_from_before(
+    world: World, pool: asyncpg.Pool
+) -> None:
+    """Enabled again, a webhook is disabled again only for failures made after that: not
+    by the ones that disabled it, nor by those of attempts under way when it was enabled
+    (recorded just after), which used to disable it again at once (and mail again)."""
+    webhook = await subscribe(world.store, world.shop, world.receiver)
+    history = History(pool)
+    disabler = Disabler(pool, replace(world.settings, disable_after_hours=1 / 3600))
+
+    def failure(n: int, since: float) -> AttemptRecord:
+        return AttemptRecord(
+            id=uuid.uuid4(), webhook_id=webhook.id, environment_id=webhook.environment_id,
+            notification_uuid=str(uuid.uuid4()), n_retry=0, attempted_at=since + n / 1000,
+            duration_ms=1.0, outcome="http", status=500, error="HTTP 500",
+            entity_ids=(str(n),), trigger="scheduled",
+        )  # fmt: skip
+
+    def failures(count: int, since: float) -> list[AttemptRecord]:
+        return [failure(n, since) for n in range(count)]
+
+    await history.write(failures(12, time.time() - 60))
+    assert await disabler.check({webhook.id}) == [webhook.id]
+    await world.store.set_disabled(webhook.environment_id, webhook.id, None)  # enabled
+    await history.write(failures(2, time.time() - 1))  # under way when it was enabled
+    assert await disabler.check({webhook.id}) == []
+    # Failing on after it: disabled again once 10 new failures span the threshold (1 s).
+    await history.write(failures(10, time.time() + 0.05))
+    async with asyncio.timeout(WAIT):
+        while await disabler.check({webhook.id}) == []:
+            await asyncio.sleep(0.1)  # polling the rule until the threshold has passed
 
 
 async def test_a_webhook_failing_past_the_threshold_is_disabled_mailed_once_then_recovered(
