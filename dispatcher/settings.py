@@ -263,6 +263,12 @@ class Settings:
         "supervisor serving the one HTTP port: a number, or auto (the CPUs it may use); "
         "1: no supervisor. Overridden by `dispatcher run --processes`.",
     )
+    process_unhealthy_seconds: float = _setting(
+        30.0,
+        _seconds(allow_zero=True),
+        "With more than one process: a child whose /healthz fails this long (after it "
+        "first passed) is restarted, killed at once if it does not answer at all; 0: never.",
+    )
     portal_session_hours: int = _setting(
         12,
         _int_at_least(1),

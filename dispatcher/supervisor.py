@@ -18,6 +18,8 @@ With N > 1 (``DISPATCHER_PROCESSES``; ``auto`` is the CPUs the process may use),
 - forwards SIGTERM and SIGINT: each child drains as one process does and exits 0; past
   the drain timeout plus :data:`STOP_MARGIN`, or on a second signal, the rest are killed;
 - restarts a child that exited unexpectedly, after a backoff (:class:`RestartPolicy`),
+  and stops (then restarts) one whose ``/healthz`` failed for
+  ``DISPATCHER_PROCESS_UNHEALTHY_SECONDS`` (:meth:`Supervisor._watch_health`),
   and gives up on a crash loop or a configuration error: it stops the others and exits
   with the code of the child's failure (2, 3, 4, else 1) and one line saying so.
 
@@ -82,6 +84,7 @@ FIRST_BACKOFF, MAX_BACKOFF = 0.5, 30.0  # seconds before a restart, doubling
 STOP_MARGIN = 15.0  # seconds past the drain timeout: the hand-off (10 s) and the exit
 CHILD_TIMEOUT = 5.0  # seconds a child has to answer one /metrics, /readyz or /healthz
 READY_POLL = 0.5  # seconds between two looks at the children's readiness (systemd only)
+HEALTH_POLL = 2.0  # seconds between two looks at the children's /healthz
 # Exit codes of a child stopped on purpose: drained (0), or killed by the signal before
 # it could install its handlers (-SIGTERM, -SIGINT; 130: KeyboardInterrupt at start).
 CLEAN_EXITS = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 130})
@@ -261,6 +264,11 @@ class Child:
     started_at: float = 0.0
     up: bool = False
     exit_code: int | None = None  # once it exited on the supervisor's stop
+    # its /healthz since it started: answered 200 once (watched from then on), failing
+    # since when, and stopped for it (not looked at again until it runs anew)
+    healthy_once: bool = False
+    failing_since: float | None = None
+    stopped_unhealthy: bool = False
 
     @property
     def name(self) -> str:
@@ -313,6 +321,7 @@ class Supervisor:
         )
         environ = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
         self._environ = environ
+        self._kills: set[asyncio.Future[None]] = set()  # SIGKILLs due to unhealthy children
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -391,12 +400,16 @@ class Supervisor:
                 asyncio.create_task(self._keep(c), name=f"process-{c.index}") for c in self.children
             ]
             systemd = asyncio.create_task(self._systemd(), name="systemd")
+            watch = asyncio.create_task(self._watch_health(), name="health-watch")
             stopping = asyncio.create_task(self.stop.wait())
             await asyncio.wait({http, stopping, *keepers}, return_when=asyncio.FIRST_COMPLETED)
             self.stop.set()
             stopping.cancel()
             failed = [t for t in (http, *keepers) if t.done() and t.exception() is not None]
             self.notifier.stopping()
+            watch.cancel()
+            for kill in list(self._kills):
+                kill.cancel()
             clean = await self._stop_children(keepers)
             systemd.cancel()
             self.daemon.stop.set()
@@ -458,6 +471,7 @@ class Supervisor:
             *argv, pass_fds=(fd,), env=self._environ, stdin=subprocess.DEVNULL
         )
         child.process, child.started_at, child.up = process, self._clock(), True
+        child.healthy_once, child.failing_since, child.stopped_unhealthy = False, None, False
         log.info(
             "process_started",
             child=child.index,
@@ -488,6 +502,64 @@ class Supervisor:
             await waiting
         return all(c.exit_code is None or c.exit_code in CLEAN_EXITS for c in self.children)
 
+    async def _watch_health(self) -> None:
+        """Restart a child whose ``/healthz`` failed for ``DISPATCHER_PROCESS_UNHEALTHY_SECONDS``
+        (the exit is then handled as any other, with its backoff and crash-loop limit).
+
+        A child is watched once it answered 200: one still starting (migrations, loading
+        the subscriptions, PostgreSQL not there yet) is left alone. One that does not
+        answer at all (its event loop blocked, the process stopped) is killed (SIGKILL):
+        it could not drain. One that answers that a loop of it stopped gets SIGTERM and
+        drains as on a stop, killed only if still running past the drain timeout plus
+        :data:`STOP_MARGIN`. With one process, systemd's watchdog or the orchestrator's
+        liveness probe does this; with several, the supervisor feeds the watchdog and
+        serves the probe, so it must."""
+        limit = self.settings.process_unhealthy_seconds
+        if not limit:
+            return
+        while not self.stop.is_set():
+            await asyncio.sleep(HEALTH_POLL)  # a timer: the children are asked this often
+            watched = [c for c in self.children if c.up and not c.stopped_unhealthy]
+            answers = await asyncio.gather(*(self._get(c, "/healthz") for c in watched))
+            now = self._clock()
+            for child, answer in zip(watched, answers, strict=True):
+                if self.stop.is_set() or not child.up:
+                    continue
+                if answer is not None and answer[0] == 200:
+                    if not child.healthy_once:
+                        log.info("process_healthy", child=child.index, pid=_pid(child))
+                    child.healthy_once, child.failing_since = True, None
+                elif child.healthy_once:
+                    if child.failing_since is None:
+                        child.failing_since = now
+                    if now - child.failing_since >= limit:
+                        self._stop_unhealthy(child, answer, now - child.failing_since)
+
+    def _stop_unhealthy(self, child: Child, answer: tuple[int, str] | None, failing: float) -> None:
+        child.stopped_unhealthy = True
+        sig = signal.SIGKILL if answer is None else signal.SIGTERM
+        log.error(
+            "process_unhealthy",
+            child=child.index,
+            pid=_pid(child),
+            failing_s=round(failing, 1),
+            healthz="no answer" if answer is None else answer[1][:300],
+            then=sig.name,
+        )
+        child.signal(sig)
+        process = child.process
+        if sig == signal.SIGTERM and process is not None:
+
+            async def kill_if_still_running() -> None:
+                await asyncio.sleep(self.settings.drain_timeout_seconds + STOP_MARGIN)
+                if child.process is process and process.returncode is None:
+                    log.error("process_killed", child=child.index, pid=process.pid)
+                    child.signal(signal.SIGKILL)
+
+            task = asyncio.ensure_future(kill_if_still_running())
+            self._kills.add(task)
+            task.add_done_callback(self._kills.discard)
+
     async def _systemd(self) -> None:
         """Under systemd: READY=1 once every child is ready, then WATCHDOG=1 while the
         supervisor's loop turns (it restarts its children itself)."""
@@ -510,6 +582,10 @@ class Supervisor:
         await asyncio.wait({waiter, stopping}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         stopping.cancel()
+
+
+def _pid(child: Child) -> int | None:
+    return child.process.pid if child.process is not None else None
 
 
 _SYSTEMD_VARIABLES = frozenset({"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"})

@@ -447,10 +447,16 @@ class Process:
         raw = self.log_path.read_bytes()
         return [orjson.loads(line) for line in raw[: raw.rfind(b"\n") + 1].splitlines()]
 
-    async def wait_logged(self, event: str) -> None:
-        """Wait until the process logged ``event``; fail after WAIT seconds."""
+    async def wait_logged(
+        self, event: str, where: Callable[[dict[str, Any]], bool] = lambda _line: True
+    ) -> dict[str, Any]:
+        """The first line of ``event`` (that ``where`` accepts) the process logged, once
+        it did; fail after WAIT seconds."""
         async with asyncio.timeout(WAIT):
-            while event not in [line["event"] for line in self.complete_lines()]:
+            while True:
+                for line in self.complete_lines():
+                    if line["event"] == event and where(line):
+                        return line
                 assert self.popen.poll() is None, self.log_path.read_text()
                 await asyncio.sleep(0.02)  # polling the child's log with a deadline
 

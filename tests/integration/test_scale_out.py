@@ -5,6 +5,7 @@ partitions, lose none of its events when one is killed, and take in one that joi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -248,3 +249,39 @@ async def test_a_second_sigterm_kills_the_children_that_still_drain(
     (killed,) = [line for line in lines if line["event"] == "processes_killed"]
     assert killed["reason"] == "second signal" and killed["children"]
     assert lines[-1]["event"] == "supervisor_stopped" and lines[-1]["clean"] is False
+
+
+async def test_a_hung_child_is_killed_and_started_again(world: World, spawn: Spawn) -> None:
+    """A child that stops answering (here: SIGSTOP, as a blocked event loop would) is
+    killed once its /healthz failed for DISPATCHER_PROCESS_UNHEALTHY_SECONDS, started
+    again, and the events go on being delivered; the supervisor itself never failed."""
+    await world.subscribe()
+    env = {
+        **environment(world.settings),
+        "DISPATCHER_PROCESSES": "2",
+        "DISPATCHER_PROCESS_UNHEALTHY_SECONDS": "2",
+    }
+    supervisor = await spawn(env, "run", "--role", "dispatch")
+    healthy = await supervisor.wait_logged("process_healthy", lambda line: line["child"] == 0)
+    os.kill(healthy["pid"], signal.SIGSTOP)
+    try:
+        unhealthy = await supervisor.wait_logged("process_unhealthy")
+        assert (unhealthy["child"], unhealthy["pid"]) == (0, healthy["pid"])
+        assert unhealthy["healthz"] == "no answer" and unhealthy["then"] == "SIGKILL"
+        again = await supervisor.wait_logged(
+            "process_healthy", lambda line: line["child"] == 0 and line["pid"] != healthy["pid"]
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(healthy["pid"], signal.SIGKILL)  # not left stopped if the test failed
+    exited = [line for line in supervisor.complete_lines() if line["event"].startswith("process_")]
+    assert [
+        (e["event"], e.get("exit")) for e in exited if e["event"].startswith("process_exit")
+    ] == [("process_exited_unexpectedly", "killed by SIGKILL")]
+    assert again["pid"] != healthy["pid"]
+    await wait_status(supervisor, 200, WAIT)
+    events = [make_event(world.shop) for _ in range(5)]
+    await world.produce(*events)
+    await world.receiver.wait_for(5)
+    supervisor.popen.send_signal(signal.SIGTERM)
+    assert await supervisor.wait_exit() == 0
