@@ -42,37 +42,56 @@ MAIL_SWEEP_SECONDS = 60.0  # pending mails (of a crashed process) are looked for
 # The failures counted start after the last success, or after the webhook was last
 # enabled again if that is later (see migration 0006): at least MIN_FAILURES of them, the
 # first at least the threshold ago. consecutive_failures (a count since the last success,
-# at least as large) filters first; the count since the start is bounded by the LIMIT.
-_DISABLE = """
+# at least as large) filters first; the count that decides is bounded by the LIMIT (a
+# webhook failing for days has many), the one the reason gives runs once, at the disable.
+_SINCE = (
+    """GREATEST(coalesce(h.last_success_at, '-infinity'), coalesce(w.enabled_at, '-infinity'))"""
+)
+_DISABLE = f"""
 UPDATE webhooks w
 SET disabled_at = now(),
-    disabled_reason = format('every attempt failed for %s hours (%s attempts in a row)',
-                             $2::float8, h.consecutive_failures),
-    disabled_mail_pending = true
+    disabled_reason = format(
+        'every attempt failed for %s hours (%s attempts in a row)', $2::float8,
+        (SELECT count(*) FROM webhook_attempts a
+         WHERE a.webhook_id = w.id AND a.attempted_at > {_SINCE})),
+    disabled_mail_pending = true,
+    disabled_mail_claimed_until = NULL
 FROM webhook_health h
 WHERE w.id = h.webhook_id AND w.id = ANY($1::uuid[]) AND w.disabled_at IS NULL
   AND h.consecutive_failures >= $3
   AND coalesce(h.last_success_at, '-infinity') < h.last_failure_at
   AND (SELECT count(*) FROM (
            SELECT 1 FROM webhook_attempts a
-           WHERE a.webhook_id = w.id
-             AND a.attempted_at > GREATEST(coalesce(h.last_success_at, '-infinity'),
-                                           coalesce(w.enabled_at, '-infinity'))
+           WHERE a.webhook_id = w.id AND a.attempted_at > {_SINCE}
            LIMIT $3) AS failures) >= $3
   AND (SELECT min(a.attempted_at) FROM webhook_attempts a
-       WHERE a.webhook_id = w.id
-         AND a.attempted_at > GREATEST(coalesce(h.last_success_at, '-infinity'),
-                                       coalesce(w.enabled_at, '-infinity')))
+       WHERE a.webhook_id = w.id AND a.attempted_at > {_SINCE})
       <= now() - make_interval(secs => $2::float8 * 3600)
 RETURNING w.id
-"""
+"""  # noqa: S608 - constants
 
-# One pending mail, claimed: the row stays locked while the mail is sent (an enable of
-# that webhook waits for it), and skipped by any other sweep meanwhile.
+# A pending mail is claimed for CLAIM_SECONDS before it is sent (no lock is held while
+# SMTP answers): another sweep skips it meanwhile, and takes it over after that if the
+# claiming process died. Cleared (sent, or refused for good) only if the webhook was not
+# enabled, or disabled anew, in between (disabled_at unchanged).
+CLAIM_SECONDS = 600.0
+_PENDING = """
+SELECT id FROM webhooks WHERE disabled_mail_pending
+  AND coalesce(disabled_mail_claimed_until, '-infinity') < now()
+"""
 _CLAIM_MAIL = """
-SELECT id, environment_id, entity_name, event_type, url, email, disabled_at, disabled_reason
-FROM webhooks WHERE id = $1 AND disabled_mail_pending
-FOR UPDATE SKIP LOCKED
+UPDATE webhooks SET disabled_mail_claimed_until = now() + make_interval(secs => $2)
+WHERE id = $1 AND disabled_mail_pending
+  AND coalesce(disabled_mail_claimed_until, '-infinity') < now()
+RETURNING id, environment_id, entity_name, event_type, url, email, disabled_at,
+          disabled_reason
+"""
+_MAILED = """
+UPDATE webhooks SET disabled_mail_pending = false, disabled_mail_claimed_until = NULL
+WHERE id = $1 AND disabled_at = $2
+"""
+_UNCLAIM = """
+UPDATE webhooks SET disabled_mail_claimed_until = NULL WHERE id = $1 AND disabled_at = $2
 """
 
 
@@ -143,30 +162,29 @@ class Disabler:
         (sent, or refused for good).
 
         Every process of every instance runs a disabler, and all sweep at start: each
-        mail is claimed first (its webhook's row locked, ``SKIP LOCKED``), sent, and its
-        flag cleared in that one transaction, so two sweeps never send the same mail. A
-        crash while sending rolls the claim back: the mail is sent again, not lost."""
-        pending = await self._pool.fetch("SELECT id FROM webhooks WHERE disabled_mail_pending")
+        mail is claimed first (:data:`CLAIM_SECONDS`), so two sweeps never send the same
+        one. A failure of the server gives the claim back (the sweep backs off and tries
+        again); a crash while sending leaves it to run out: the mail is sent again then,
+        not lost."""
+        pending = await self._pool.fetch(_PENDING)
         handled = 0
         for (webhook_id,) in pending:
-            async with self._pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(_CLAIM_MAIL, webhook_id)
-                if row is None:  # another sweep has it, or it went out, or was enabled
-                    continue
-                try:
-                    await self._send(render(dict(row.items()), self._settings.smtp_sender))
-                except aiosmtplib.SMTPException as exc:
-                    if not permanent(exc):
-                        raise  # the server or the settings: the whole sweep backs off
-                    # e.g. 550 no such mailbox: the same next time, and the others must go
-                    log.error(
-                        "webhook_disabled_mail_rejected", webhook_id=str(webhook_id), error=str(exc)
-                    )
-                else:
-                    log.info("webhook_disabled_mail_sent", webhook_id=str(webhook_id))
-                await conn.execute(
-                    "UPDATE webhooks SET disabled_mail_pending = false WHERE id = $1", webhook_id
+            row = await self._pool.fetchrow(_CLAIM_MAIL, webhook_id, CLAIM_SECONDS)
+            if row is None:  # another sweep has it, or it went out, or was enabled
+                continue
+            try:
+                await self._send(render(dict(row.items()), self._settings.smtp_sender))
+            except aiosmtplib.SMTPException as exc:
+                if not permanent(exc):
+                    await self._pool.execute(_UNCLAIM, webhook_id, row["disabled_at"])
+                    raise  # the server or the settings: the whole sweep backs off
+                # e.g. 550 no such mailbox: the same next time, and the others must go out
+                log.error(
+                    "webhook_disabled_mail_rejected", webhook_id=str(webhook_id), error=str(exc)
                 )
+            else:
+                log.info("webhook_disabled_mail_sent", webhook_id=str(webhook_id))
+            await self._pool.execute(_MAILED, webhook_id, row["disabled_at"])
             handled += 1
         return handled
 

@@ -6,7 +6,9 @@ partitions and none is stuck at an undecodable batch, the database answers, and 
 ``kafka`` this process's own clients work: a bootstrap broker accepts connections, and
 none of the problems :class:`dispatcher.kafka.KafkaHealth` samples lasted over 4 s (a
 partition whose leader answers no fetch, no group coordinator, commits failing or
-unanswered, records unacknowledged, a partition leader the producer cannot reach).
+unanswered, records unacknowledged, a partition leader the producer cannot reach); once
+failing, it stays failing until a commit after the problems cleared proves the outage
+over (or 10 s passed without one).
 Otherwise 503, each failing check with its reason. Both answer
 ``{"status": "ok"|"fail", "checks": {name: "ok" | reason}}``.
 """

@@ -24,8 +24,9 @@ that came back within that time.
 **Watching.** :class:`KafkaHealth` samples every client each second (what aiokafka's
 state tells: fetch answers per partition, the group coordinator, commits, records not yet
 acknowledged, the producer's partition leaders), turns what lasted more than
-:data:`STALE_AFTER` seconds into the reasons ``/readyz`` gives under ``kafka``, logs
-them as one outage (``kafka_outage_started``, ``kafka_outage_continues`` at most every
+:data:`STALE_AFTER` seconds into the reasons ``/readyz`` gives under ``kafka`` (and,
+once failing, keeps it failing until a commit proves the outage over), logs them as one
+outage (``kafka_outage_started``, ``kafka_outage_continues`` at most every
 30 s, ``kafka_outage_ended``), and resets the cluster view of a client that stays stuck
 (:func:`reset`: the metadata a new client would get, when it differs).
 """
@@ -268,13 +269,15 @@ class CommitHealth:
     :class:`KafkaHealth`."""
 
     consumer: str
-    pending_since: float | None = None  # monotonic time the commit under way started
+    clock: Callable[[], float] = time.monotonic  # KafkaHealth's clock
+    pending_since: float | None = None  # when the commit under way started
     failing_since: float | None = None  # when the first commit that failed started
-    last_attempt: float = field(default_factory=time.monotonic)
+    last_attempt: float = field(init=False)
     succeeded_at: float | None = None  # when the last commit that succeeded ended
     outage: Outage = field(init=False)
 
     def __post_init__(self) -> None:
+        self.last_attempt = self.clock()
         self.outage = Outage(
             "consumer_commit_failed",
             "consumer_commit_still_failing",
@@ -283,16 +286,16 @@ class CommitHealth:
         )
 
     def started(self) -> None:
-        self.pending_since = self.last_attempt = time.monotonic()
+        self.pending_since = self.last_attempt = self.clock()
 
     def succeeded(self) -> None:
         self.pending_since = self.failing_since = None
-        self.succeeded_at = time.monotonic()
+        self.succeeded_at = self.clock()
         self.outage.recovered()
 
     def failed(self, exc: BaseException) -> None:
         if self.failing_since is None:
-            self.failing_since = self.pending_since or time.monotonic()
+            self.failing_since = self.pending_since or self.clock()
         self.pending_since = None
         self.outage.failed(repr(exc))
 
@@ -373,18 +376,18 @@ class KafkaHealth:
 
     def _unproven_recovery(self, now: float) -> dict[str, list[str]]:
         """The problems of an outage have cleared: it is over once every consumer that
-        ever committed has committed since it began (an idle one is probed every 3 s), or
-        after :data:`RECOVERY_HOLD` seconds without a problem. Until then it goes on, so
-        that a moment between two problems (fetches answered by a new leader before the
-        next commit fails) is not taken for the end of it."""
-        assert self._outage_since is not None
+        ever committed has committed since they cleared (an idle one is probed every
+        3 s; a commit during the outage proves nothing: the coordinator may be the next
+        to go), or after :data:`RECOVERY_HOLD` seconds without a problem. Until then it
+        goes on, so that a moment between two problems (fetches answered by a new leader
+        before the next commit fails) is not taken for the end of it."""
         if self._clear_since is None:
             self._clear_since = now
         if now - self._clear_since >= RECOVERY_HOLD:
             return {}
-        since = self._outage_since
+        since = self._clear_since
         return {
-            w.name: ["no offset commit succeeded since the outage began"]
+            w.name: ["no offset commit succeeded since the problems cleared"]
             for w in self.workers
             if w.commits.succeeded_at is not None and w.commits.succeeded_at < since
         }

@@ -314,6 +314,7 @@ class Store:
                     disabled_reason = CASE WHEN $3::text IS NULL THEN NULL
                                            ELSE coalesce(disabled_reason, $3) END,
                     disabled_mail_pending = false,
+                    disabled_mail_claimed_until = NULL,
                     enabled_at = CASE WHEN $3::text IS NULL AND disabled_at IS NOT NULL
                                       THEN now() ELSE enabled_at END
                 WHERE id = $1 AND environment_id = $2

@@ -322,6 +322,7 @@ class Supervisor:
         environ = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}
         self._environ = environ
         self._kills: set[asyncio.Future[None]] = set()  # SIGKILLs due to unhealthy children
+        self._watch: asyncio.Task[None] | None = None
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -346,11 +347,33 @@ class Supervisor:
 
     async def healthz(self, _request: web.Request) -> web.Response:
         """Liveness: the children that run answer 200; one restarting is the supervisor's
-        to handle, not a reason to restart the whole service."""
+        to handle, not a reason to restart the whole service. While the supervisor
+        watches its children (:meth:`_watch_health`), a failing child is its to restart
+        too: the answer is then the watch's, given at once (a hung child would make a
+        probe wait), failing only if the watch stopped or a child failed for longer than
+        the watch needs to restart it."""
+        limit = self.settings.process_unhealthy_seconds
+        if limit:
+            return checks_response(self._watched_health(limit))
         up = [c for c in self.children if c.up]
         answers = await asyncio.gather(*(self._checks(c, "/healthz") for c in up))
         checks = merge_checks({c.name: a for c, a in zip(up, answers, strict=True)}, stopping=False)
         return checks_response(checks)
+
+    def _watched_health(self, limit: float) -> dict[str, str]:
+        watching = self._watch is not None and not self._watch.done()
+        overdue = limit + HEALTH_POLL + CHILD_TIMEOUT
+        overdue += self.settings.drain_timeout_seconds + STOP_MARGIN  # a SIGTERM's drain
+        now = self._clock()
+        stuck = [
+            f"process {c.index}: /healthz failing for {now - c.failing_since:.0f}s"
+            for c in self.children
+            if c.up and c.failing_since is not None and now - c.failing_since > overdue
+        ]
+        return {
+            "loops": "ok" if watching else "stopped: health-watch",
+            "processes": "; ".join(stuck) or "ok",
+        }
 
     async def readiness(self) -> dict[str, str]:
         """The children's /readyz checks merged (a child not running is not ready)."""
@@ -400,7 +423,7 @@ class Supervisor:
                 asyncio.create_task(self._keep(c), name=f"process-{c.index}") for c in self.children
             ]
             systemd = asyncio.create_task(self._systemd(), name="systemd")
-            watch = asyncio.create_task(self._watch_health(), name="health-watch")
+            watch = self._watch = asyncio.create_task(self._watch_health(), name="health-watch")
             stopping = asyncio.create_task(self.stop.wait())
             await asyncio.wait({http, stopping, *keepers}, return_when=asyncio.FIRST_COMPLETED)
             self.stop.set()
@@ -519,21 +542,27 @@ class Supervisor:
             return
         while not self.stop.is_set():
             await asyncio.sleep(HEALTH_POLL)  # a timer: the children are asked this often
-            watched = [c for c in self.children if c.up and not c.stopped_unhealthy]
-            answers = await asyncio.gather(*(self._get(c, "/healthz") for c in watched))
-            now = self._clock()
-            for child, answer in zip(watched, answers, strict=True):
-                if self.stop.is_set() or not child.up:
-                    continue
-                if answer is not None and answer[0] == 200:
-                    if not child.healthy_once:
-                        log.info("process_healthy", child=child.index, pid=_pid(child))
-                    child.healthy_once, child.failing_since = True, None
-                elif child.healthy_once:
-                    if child.failing_since is None:
-                        child.failing_since = now
-                    if now - child.failing_since >= limit:
-                        self._stop_unhealthy(child, answer, now - child.failing_since)
+            try:
+                await self._look_at_children(limit)
+            except Exception:  # a bug here must not end the watch unseen
+                log.exception("health_watch_failed")
+
+    async def _look_at_children(self, limit: float) -> None:
+        watched = [(c, c.process) for c in self.children if c.up and not c.stopped_unhealthy]
+        answers = await asyncio.gather(*(self._get(c, "/healthz") for c, _ in watched))
+        now = self._clock()
+        for (child, process), answer in zip(watched, answers, strict=True):
+            if self.stop.is_set() or not child.up or child.process is not process:
+                continue  # stopping, or it exited (and maybe runs anew) meanwhile
+            if answer is not None and answer[0] == 200:
+                if not child.healthy_once:
+                    log.info("process_healthy", child=child.index, pid=_pid(child))
+                child.healthy_once, child.failing_since = True, None
+            elif child.healthy_once:
+                if child.failing_since is None:
+                    child.failing_since = now
+                if now - child.failing_since >= limit:
+                    self._stop_unhealthy(child, answer, now - child.failing_since)
 
     def _stop_unhealthy(self, child: Child, answer: tuple[int, str] | None, failing: float) -> None:
         child.stopped_unhealthy = True

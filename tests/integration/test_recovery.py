@@ -491,13 +491,20 @@ async def test_an_enabled_webhook_is_not_disabled_again_by_the_failures_from_bef
     await history.write(failures(12, time.time() - 60))
     assert await disabler.check({webhook.id}) == [webhook.id]
     await world.store.set_disabled(webhook.environment_id, webhook.id, None)  # enabled
-    await history.write(failures(2, time.time() - 1))  # under way when it was enabled
+    await pool.execute(  # 30 s ago, so that what follows can be dated after it
+        "UPDATE webhooks SET enabled_at = now() - interval '30 seconds' WHERE id = $1",
+        webhook.id,
+    )
+    await history.write(failures(2, time.time() - 40))  # under way when it was enabled
     assert await disabler.check({webhook.id}) == []
-    # Failing on after it: disabled again once 10 new failures span the threshold (1 s).
-    await history.write(failures(10, time.time() + 0.05))
-    async with asyncio.timeout(WAIT):
-        while await disabler.check({webhook.id}) == []:
-            await asyncio.sleep(0.1)  # polling the rule until the threshold has passed
+    # Failing on after it, the first failure 20 s ago (the threshold is 1 s): 9 are not
+    # enough, though the webhook's failures in a row are 23.
+    await history.write(failures(9, time.time() - 20))
+    assert await disabler.check({webhook.id}) == []
+    await history.write(failures(1, time.time() - 10))
+    assert await disabler.check({webhook.id}) == [webhook.id]
+    reason = await pool.fetchval("SELECT disabled_reason FROM webhooks WHERE id = $1", webhook.id)
+    assert reason.endswith("(10 attempts in a row)"), reason
 
 
 async def test_a_webhook_failing_past_the_threshold_is_disabled_mailed_once_then_recovered(

@@ -178,14 +178,17 @@ def test_new_ids_are_random_version_4_uuids() -> None:
 def test_a_forked_child_draws_ids_of_its_own() -> None:
     """Ids are drawn 256 at a time: a child forked with some drawn and not used yet (a
     supervisor's child, a worker) must not hand out the same ones as its parent."""
-    _new_id()  # some drawn, waiting in this process
+    history._drawn_ids.clear()
+    _new_id()  # 256 drawn, 255 waiting in this process
     waiting = set(history._drawn_ids)
-    assert waiting
+    assert len(waiting) == 255
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child
-        os.write(write, _new_id().encode())
-        os._exit(0)
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.write(write, _new_id().encode())
+        finally:
+            os._exit(0)
     os.close(write)
     child_id = os.read(read, 64).decode()
     os.waitpid(pid, 0)

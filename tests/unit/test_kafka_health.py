@@ -210,12 +210,13 @@ async def test_a_metadata_task_that_died_is_started_again_and_a_live_one_is_left
 
 async def test_an_outage_ends_on_a_commit_not_on_a_quiet_moment_between_two_problems() -> None:
     """Two brokers lost: fetches stop (readiness fails), a new leader answers them again
-    before the next commit probe fails. The outage goes on through that moment, a commit
-    failing during it counts at once, and it ends when a commit succeeds: one outage in
-    the log, not two."""
+    before the next commit probe fails. The outage goes on through that moment; a commit
+    that succeeded during it proves nothing (the coordinator may be the next to go), one
+    failing counts at once, and it ends when a commit succeeds after the problems
+    cleared: one outage in the log, not two."""
     clock = Clock()
     consumer = FakeConsumer({TP0}, polled_ms={TP0: ago_ms(0.1)})
-    worker = FakeWorker(consumer)
+    worker = FakeWorker(consumer, commits=CommitHealth("dispatch", clock=clock))
     worker.commits.succeeded()  # it committed before the outage
     kafka = health(worker, clock)
     with structlog.testing.capture_logs() as lines:
@@ -225,18 +226,20 @@ async def test_an_outage_ends_on_a_commit_not_on_a_quiet_moment_between_two_prob
         consumer.polled_ms[TP0] = ago_ms(5)  # no fetch answered since
         await kafka.sample()
         assert kafka.problems == ["dispatch: no fetch answered for 5s from the leader of events[0]"]
+        worker.commits.started()
+        worker.commits.succeeded()  # the coordinator's broker still up
         clock.now += 1
         consumer.polled_ms[TP0] = ago_ms(0.1)  # the new leader answers
         await kafka.sample()
-        assert kafka.problems == ["dispatch: no offset commit succeeded since the outage began"]
+        assert kafka.problems == ["dispatch: no offset commit succeeded since the problems cleared"]
         worker.commits.started()
-        worker.commits.failed(TimeoutError())  # the probe's commit fails: no grace now
-        clock.now += 1
+        worker.commits.failed(TimeoutError())  # the next probe's commit fails
+        clock.now += 1  # failing for 1 s: under the 4 s grace, none during an outage
         await kafka.sample()
         assert kafka.problems[0].startswith("dispatch: offsets not committed for"), kafka.problems
-        worker.commits.succeeded()
-        worker.commits.succeeded_at = clock.now  # the cluster healed
+        worker.commits.started()
         clock.now += 1
+        worker.commits.succeeded()  # the cluster healed: a commit after the last problem
         await kafka.sample()
         assert kafka.problems == []
     events = [line["event"] for line in lines if line["event"].startswith("kafka_outage")]
@@ -248,7 +251,7 @@ async def test_an_outage_without_a_commit_to_prove_its_end_ends_after_the_hold()
     prove the outage over: it ends once no problem was seen for RECOVERY_HOLD seconds."""
     clock = Clock()
     consumer = FakeConsumer({TP0}, polled_ms={TP0: ago_ms(0.1)})
-    worker = FakeWorker(consumer)
+    worker = FakeWorker(consumer, commits=CommitHealth("dispatch", clock=clock))
     worker.commits.succeeded()
     kafka = health(worker, clock)
     await kafka.sample()
