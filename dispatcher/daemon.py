@@ -121,7 +121,9 @@ class Daemon:
         the_catalog = catalog.load(s.catalog_file)
         await db.migrate_url(s.database_url)
         async with AsyncExitStack() as stack:
-            self._pool = await db.create_pool(s.database_url)
+            self._pool = await db.create_pool(
+                s.database_url, command_timeout=s.database_timeout_seconds
+            )
             stack.push_async_callback(self._pool.close)
             store = Store(self._pool)
             http = await stack.enter_async_context(HttpClient.from_settings(s))

@@ -90,11 +90,22 @@ async def connect(url: str, *, connect_timeout: float = _CONNECT_TIMEOUT) -> asy
         raise _connect_error(url, exc, connect_timeout) from exc
 
 
-async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """A connection pool; :class:`DatabaseUnavailable` says where it tried and what to do."""
+async def create_pool(
+    url: str, *, min_size: int = 1, max_size: int = 10, command_timeout: float | None = None
+) -> asyncpg.Pool:
+    """A connection pool; :class:`DatabaseUnavailable` says where it tried and what to do.
+
+    ``command_timeout`` bounds every statement (asyncpg's own timeout: the statement is
+    cancelled and its connection dropped). Cancelling a statement from outside instead
+    (``asyncio.timeout``) would wait, as the connection goes back to the pool, for a
+    server that does not answer: forever."""
     try:
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, timeout=_CONNECT_TIMEOUT
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=_CONNECT_TIMEOUT,
+            command_timeout=command_timeout or None,
         )
     except _CONNECT_FAILURES as exc:
         raise _connect_error(url, exc, _CONNECT_TIMEOUT) from exc

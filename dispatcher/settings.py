@@ -380,6 +380,13 @@ class Settings:
     cache_resync_seconds: float = _setting(
         300.0, _seconds(), "Full re-sync period of the subscription cache (safety net)."
     )
+    database_timeout_seconds: float = _setting(
+        60.0,
+        _seconds(allow_zero=True),
+        "Longest one statement of the daemon may take: past it, it fails (PostgreSQL "
+        "not answering, as behind a network partition: the API answers 503, the loops "
+        "retry) instead of waiting forever; 0: no limit.",
+    )
     drain_timeout_seconds: float = _setting(
         20.0, _seconds(allow_zero=True), "Time allowed on SIGTERM to finish deliveries in flight."
     )

@@ -7,8 +7,14 @@ need the stack's own services, not ones given by DISPATCHER_TEST_* variables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import replace
 
 import aiohttp
+import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
 
@@ -82,6 +88,58 @@ async def test_database_outage_delivers_known_webhooks_and_drops_nothing(
     async with asyncio.timeout(WAIT * 2):
         while running.daemon.cache.get(later.id) is None:
             await asyncio.sleep(0.1)  # polling the cache with a deadline
+
+
+async def test_a_database_that_stops_answering_fails_requests_instead_of_hanging(
+    world: World,
+) -> None:
+    """PostgreSQL stops answering on the connections it has (every backend of the
+    database stopped, as behind a partition that drops packets): the API answers 503
+    within seconds and /readyz answers, instead of hanging forever; once it answers
+    again, both are 200 again."""
+    store, shop = world.store, world.shop
+    _, token = await store.issue_token(shop.environment_id, shop.client_id)
+    running = await world.start(replace(world.settings, database_timeout_seconds=2.0))
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def list_webhooks() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(running.base_url + "/webhooks", headers=headers) as answer,
+        ):
+            return answer.status
+
+    await wait_readiness(running.base_url, 200, "database", "ok")
+    assert await list_webhooks() == 200
+    control = await asyncpg.connect(world.settings.database_url)
+    frozen: list[int] = []
+    try:
+        frozen = [
+            row["pid"]
+            for row in await control.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ]
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        async with asyncio.timeout(15):  # 2 s for the statement; hanging fails the test
+            assert await list_webhooks() == 503
+        assert time.monotonic() - started < 10
+        # /readyz answers too: its check times out as well (or a new connection, which
+        # this server still accepts, answers).
+        async with asyncio.timeout(10):
+            status, checks = await readiness(running.base_url)
+        assert checks["database"] in ("ok", "unreachable: TimeoutError"), (status, checks)
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        await control.close()
+    await wait_readiness(running.base_url, 200, "database", "ok")
+    assert await list_webhooks() == 200
 
 
 async def test_kafka_outage_flips_readiness_and_consumption_resumes_without_restart(
