@@ -43,7 +43,8 @@ MAIL_SWEEP_SECONDS = 60.0  # pending mails (of a crashed process) are looked for
 # enabled again if that is later (see migration 0006): at least MIN_FAILURES of them, the
 # first at least the threshold ago. consecutive_failures (a count since the last success,
 # at least as large) filters first; the count that decides is bounded by the LIMIT (a
-# webhook failing for days has many), the one the reason gives runs once, at the disable.
+# webhook failing for days has many), the one the reason gives runs once, at the disable
+# (capped at a million).
 _SINCE = (
     """GREATEST(coalesce(h.last_success_at, '-infinity'), coalesce(w.enabled_at, '-infinity'))"""
 )
@@ -52,8 +53,9 @@ UPDATE webhooks w
 SET disabled_at = now(),
     disabled_reason = format(
         'every attempt failed for %s hours (%s attempts in a row)', $2::float8,
-        (SELECT count(*) FROM webhook_attempts a
-         WHERE a.webhook_id = w.id AND a.attempted_at > {_SINCE})),
+        (SELECT count(*) FROM (SELECT 1 FROM webhook_attempts a
+                               WHERE a.webhook_id = w.id AND a.attempted_at > {_SINCE}
+                               LIMIT 1000000) AS counted)),
     disabled_mail_pending = true,
     disabled_mail_claimed_until = NULL
 FROM webhook_health h

@@ -78,8 +78,9 @@ class Health:
         pool = self.pool()
         if pool is None:
             return "starting"
-        try:  # asyncpg's timeout: cancelled from outside, it would wait for the server
-            await pool.fetchval("SELECT 1", timeout=2)
+        try:  # asyncpg's timeouts: cancelled from outside, it would wait for the server
+            async with pool.acquire(timeout=2) as conn:  # bounds the release too
+                await conn.fetchval("SELECT 1", timeout=2)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return f"unreachable: {type(exc).__name__}"
         return "ok"

@@ -326,6 +326,7 @@ class KafkaHealth:
     _reset_at: dict[str, float] = field(default_factory=dict)
     _outage_since: float | None = None  # when the problems of the outage under way began
     _clear_since: float | None = None  # when they last cleared, the outage not yet over
+    _troubled_at: float | None = None  # the last sample that found a problem
     _outage: Outage = field(
         default_factory=lambda: Outage(
             "kafka_outage_started", "kafka_outage_continues", "kafka_outage_ended"
@@ -361,7 +362,7 @@ class KafkaHealth:
             problems["producer"] = found
         troubled = set(problems)
         if troubled:
-            self._clear_since = None
+            self._clear_since, self._troubled_at = None, now
         elif self._outage_since is not None:
             problems = self._unproven_recovery(now)
         self.problems = [f"{name}: {', '.join(why)}" for name, why in problems.items()]
@@ -370,26 +371,27 @@ class KafkaHealth:
                 self._outage_since = now
             self._outage.failed("; ".join(self.problems))
         else:
-            self._outage_since = self._clear_since = None
+            self._outage_since = self._clear_since = self._troubled_at = None
             self._outage.recovered()
         await self._reset_stuck(troubled, now)
 
     def _unproven_recovery(self, now: float) -> dict[str, list[str]]:
         """The problems of an outage have cleared: it is over once every consumer that
-        ever committed has committed since they cleared (an idle one is probed every
-        3 s; a commit during the outage proves nothing: the coordinator may be the next
-        to go), or after :data:`RECOVERY_HOLD` seconds without a problem. Until then it
-        goes on, so that a moment between two problems (fetches answered by a new leader
-        before the next commit fails) is not taken for the end of it."""
+        ever committed has committed since the last sample that found a problem (an idle
+        one is probed every 3 s; a commit during the outage proves nothing: the
+        coordinator may be the next to go), or after :data:`RECOVERY_HOLD` seconds without
+        a problem. Until then it goes on, so that a moment between two problems (fetches
+        answered by a new leader before the next commit fails) is not taken for the end
+        of it."""
         if self._clear_since is None:
             self._clear_since = now
         if now - self._clear_since >= RECOVERY_HOLD:
             return {}
-        since = self._clear_since
+        since = self._troubled_at if self._troubled_at is not None else self._clear_since
         return {
             w.name: ["no offset commit succeeded since the problems cleared"]
             for w in self.workers
-            if w.commits.succeeded_at is not None and w.commits.succeeded_at < since
+            if w.commits.succeeded_at is not None and w.commits.succeeded_at <= since
         }
 
     # --- consumers --------------------------------------------------------------------

@@ -119,6 +119,7 @@ class ActiveJob(Exception):
         self.existing = existing
 
 
+PAGE_TIMEOUT = 600.0  # seconds one page of a "failed" job may take (see failed_page)
 _COLUMNS = (
     "id, webhook_id, environment_id, mode, since, until, attempt_id, state, scanned, "
     "matched, sent, delivered, failed, progress, error, created_at, started_at, finished_at"
@@ -330,6 +331,10 @@ class Jobs:
                 after_at,
                 after_id,
                 limit,
+                # Each page groups the whole range again: on a webhook with millions of
+                # attempts it may take longer than DISPATCHER_DATABASE_TIMEOUT_SECONDS,
+                # and a page that always timed out would stall its job for good.
+                timeout=PAGE_TIMEOUT,
             )
         )
 

@@ -323,6 +323,7 @@ class Supervisor:
         self._environ = environ
         self._kills: set[asyncio.Future[None]] = set()  # SIGKILLs due to unhealthy children
         self._watch: asyncio.Task[None] | None = None
+        self._looked_at = clock()  # the watch's last look at every child
 
     # --- HTTP ---------------------------------------------------------------------------
 
@@ -361,10 +362,15 @@ class Supervisor:
         return checks_response(checks)
 
     def _watched_health(self, limit: float) -> dict[str, str]:
-        watching = self._watch is not None and not self._watch.done()
+        now = self._clock()
+        # watching: the watch runs and has looked at the children lately (one failing at
+        # every look is no watch); once stopping it has ended, which is no failure
+        looked_lately = now - self._looked_at <= 3 * (HEALTH_POLL + CHILD_TIMEOUT)
+        watching = self.stop.is_set() or (
+            self._watch is not None and not self._watch.done() and looked_lately
+        )
         overdue = limit + HEALTH_POLL + CHILD_TIMEOUT
         overdue += self.settings.drain_timeout_seconds + STOP_MARGIN  # a SIGTERM's drain
-        now = self._clock()
         stuck = [
             f"process {c.index}: /healthz failing for {now - c.failing_since:.0f}s"
             for c in self.children
@@ -546,6 +552,8 @@ class Supervisor:
                 await self._look_at_children(limit)
             except Exception:  # a bug here must not end the watch unseen
                 log.exception("health_watch_failed")
+            else:
+                self._looked_at = self._clock()
 
     async def _look_at_children(self, limit: float) -> None:
         watched = [(c, c.process) for c in self.children if c.up and not c.stopped_unhealthy]

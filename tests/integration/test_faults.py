@@ -117,8 +117,9 @@ async def test_a_database_that_stops_answering_fails_requests_instead_of_hanging
         frozen = [
             row["pid"]
             for row in await control.fetch(
-                "SELECT pid FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND backend_type = 'client backend' AND state = 'idle' "
+                "AND pid <> pg_backend_pid()"
             )
         ]
         assert frozen

@@ -271,3 +271,26 @@ async def test_an_outage_without_a_commit_to_prove_its_end_ends_after_the_hold()
     consumer.polled_ms[TP0] = ago_ms(0.1)
     await kafka.sample()
     assert kafka.problems == []
+
+
+async def test_an_outage_of_commits_ends_with_the_commit_that_succeeded() -> None:
+    """Commits alone failed: the first that succeeds again (before the next sample)
+    clears the problem and proves the end at once, not one probe later."""
+    clock = Clock()
+    consumer = FakeConsumer({TP0}, polled_ms={TP0: ago_ms(0.1)})
+    worker = FakeWorker(consumer, commits=CommitHealth("dispatch", clock=clock))
+    worker.commits.succeeded()
+    kafka = health(worker, clock)
+    worker.commits.started()
+    worker.commits.failed(TimeoutError())
+    clock.now += 5
+    consumer.polled_ms[TP0] = ago_ms(0.1)
+    await kafka.sample()
+    assert kafka.problems[0].startswith("dispatch: offsets not committed for"), kafka.problems
+    worker.commits.started()
+    clock.now += 0.5
+    worker.commits.succeeded()
+    clock.now += 0.5
+    consumer.polled_ms[TP0] = ago_ms(0.1)
+    await kafka.sample()
+    assert kafka.problems == []
