@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaProducer
+from msgspec.structs import replace
 
 from dispatcher import events
 from dispatcher.notices import Notice
@@ -215,19 +216,20 @@ def notice(phase: str, domain: str, shops: int) -> MakeMessage:
 
 def sample_body(make: MakeMessage, phase: str) -> bytes:
     """The dispatcher's notification body for one event of ``make``, in ``phase``."""
-    event = events.decode(make(0, time.time())[1])
-    entities = ({**event.entity, "phase": phase},)
-    notification = Notification.for_event(event, uuid.uuid4(), entities)
-    return notification.body(0, datetime.now(UTC))
+    event = _in_phase(events.decode(make(0, time.time())[1]), phase)
+    return Notification.for_event(event, uuid.uuid4()).body(0, datetime.now(UTC))
 
 
 def batch_body(make: MakeMessage, phase: str, size: int) -> bytes:
     """The dispatcher's body for one import batch of ``size`` events of ``make``."""
     now = time.time()
-    decoded = [events.decode(make(i, now)[1]) for i in range(size)]
-    entities = tuple({**e.entity, "phase": phase} for e in decoded)
-    notification = Notification.for_event(decoded[0], uuid.uuid4(), entities)
+    decoded = [_in_phase(events.decode(make(i, now)[1]), phase) for i in range(size)]
+    notification = Notification.for_event(decoded[0], uuid.uuid4(), decoded)
     return notification.body(0, datetime.now(UTC))
+
+
+def _in_phase(event: events.Event, phase: str) -> events.Event:
+    return replace(event, entity_json=orjson.dumps({**event.entity, "phase": phase}))
 
 
 # --- producing ----------------------------------------------------------------------------

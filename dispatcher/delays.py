@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from dispatcher import durable
 from dispatcher.metrics import Metrics
-from dispatcher.notification import Notification, iso_millis
+from dispatcher.notification import Notification, WireNotification, iso_millis
 from dispatcher.policy import Retry
 
 Kind = Literal["retry", "deferral", "requeue"]
@@ -52,23 +53,32 @@ class RetryRecord:
     def decode(cls, raw: bytes | None) -> RetryRecord:
         """Raises ValueError on a record that is not of :meth:`encode`'s shape."""
         try:
-            data = orjson.loads(raw or b"")
-            n_retry, due_ms = data["n_retry"], data["due_ms"]
-            hold = data.get("hold_until_ms")
-            if not isinstance(n_retry, int) or not isinstance(due_ms, int) or n_retry < 0:
-                raise ValueError("n_retry and due_ms must be integers, n_retry >= 0")
-            if hold is not None and not isinstance(hold, int):
-                raise ValueError("hold_until_ms must be an integer")
-            return cls(
-                Notification.from_json(data["notification"]),
-                n_retry,
-                due_ms,
-                str(data.get("last_failure", "")),
-                hold,
-                str(data.get("tier", "")),
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"malformed retry record: {exc!r}") from None
+            wire = _decoder.decode(raw or b"")
+            notification = wire.notification.notification()
+        except (msgspec.DecodeError, TypeError) as exc:
+            raise ValueError(f"malformed retry record: {exc}") from None
+        return cls(
+            notification,
+            wire.n_retry,
+            wire.due_ms,
+            str(wire.last_failure),
+            wire.hold_until_ms,
+            str(wire.tier),
+        )
+
+
+class _Wire(msgspec.Struct):
+    """:meth:`RetryRecord.encode`'s shape, read back (the entities kept as their text)."""
+
+    n_retry: Annotated[int, msgspec.Meta(ge=0)]
+    due_ms: int
+    notification: WireNotification
+    last_failure: Any = ""
+    hold_until_ms: int | None = None
+    tier: Any = ""
+
+
+_decoder = msgspec.json.Decoder(_Wire)
 
 
 class DelayQueue:

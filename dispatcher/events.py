@@ -4,15 +4,23 @@
 that the two agree. A message that breaks it raises :class:`InvalidEvent`, whose
 ``reason`` goes into the dead-letter record's headers. Unknown fields are ignored, so
 producers can add fields before dispatchers know them.
+
+The entity is never turned into Python objects: msgspec decodes the event's fields in C
+and hands the entity over as the producer's own JSON text (:attr:`Event.entity_json`),
+which the notification splices into its body as it is (``orjson.Fragment``). Only its
+``id`` is read. An event the fast decoder refuses goes through :func:`_decode_checked`,
+which says what is wrong: the reasons, and the events accepted, are the checked
+decoder's (a test holds the two to it), but for an entity with a number no double holds
+(``1e400``), which orjson refuses and which now goes out as written.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from dispatcher.errors import DispatcherError
@@ -30,9 +38,10 @@ class InvalidEvent(DispatcherError, ValueError):
         self.kind = kind  # json, shape or field: a bounded label for metrics
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One entity change."""
+class Event(msgspec.Struct, frozen=True):
+    """One entity change. A frozen msgspec Struct rather than a frozen dataclass: one is
+    made per event, in 0.2 us instead of 2.5 (a frozen dataclass sets each field through
+    ``object.__setattr__``)."""
 
     event_id: str
     entity_name: str
@@ -41,9 +50,44 @@ class Event:
     client_id: str
     from_user: str | None
     time: str
-    entity: dict[str, Any]
+    entity_json: bytes  # the entity object, as the producer wrote it (valid JSON, UTF-8)
+    entity_id: str  # its ``id``, as text
     import_id: str | None = None
     import_end: bool = False
+
+    @property
+    def entity(self) -> dict[str, Any]:
+        """The entity as Python objects (parsed on each call: not on the delivery path)."""
+        entity: dict[str, Any] = orjson.loads(self.entity_json)
+        return entity
+
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class _Fields(msgspec.Struct):
+    """The fields of a valid event as the fast decoder types them; anything else makes it
+    refuse the event (and the checked decoder decide)."""
+
+    event_id: _Id
+    entity_name: _Id
+    event_type: _Id
+    environment_id: _Id
+    time: _Id
+    entity: msgspec.Raw
+    client_id: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)] | None = None
+    from_user: str | None = None
+    import_id: str | int | None = None
+    import_end: bool | None = False
+
+
+class _EntityId(msgspec.Struct):
+    id: int | str
+
+
+_INT64, _UINT64 = -(2**63), 2**64  # the integers orjson reads as integers
+_fields = msgspec.json.Decoder(_Fields)
+_entity_id = msgspec.json.Decoder(_EntityId)
 
 
 def _text(data: dict[str, Any], name: str, *, optional: bool = False) -> str | None:
@@ -76,6 +120,55 @@ def decode(raw: bytes | None) -> Event:
     """Decode and validate one Kafka message value."""
     if raw is None:
         raise InvalidEvent("the message has no value (tombstone)", "shape")
+    event = _decode_fast(raw)
+    return event if event is not None else _decode_checked(raw)
+
+
+def _decode_fast(raw: bytes) -> Event | None:
+    """The event, if every field is as the contract wants; None to let the checked decoder
+    decide (and say why). msgspec checks the JSON syntax of the entity it skips, escapes
+    included, but not its UTF-8, and reads numbers no double holds (``1e400``): these go
+    out as written."""
+    try:
+        raw.decode()
+        fields = _fields.decode(raw)
+        entity = bytes(fields.entity)
+        entity_id = _entity_id.decode(entity).id
+    except (UnicodeDecodeError, msgspec.DecodeError):
+        return None
+    event_id, time_text, import_id = fields.event_id, fields.time, fields.import_id
+    if (
+        entity_id == ""
+        or not (isinstance(entity_id, str) or _INT64 <= entity_id < _UINT64)  # as orjson
+        or not _UUID.match(event_id)
+        or not _is_time(time_text)
+    ):
+        return None
+    return Event(
+        event_id=event_id,
+        entity_name=fields.entity_name,
+        event_type=fields.event_type.upper(),
+        environment_id=fields.environment_id,
+        client_id=fields.client_id or "",
+        from_user=fields.from_user,
+        time=time_text,
+        entity_json=entity,
+        entity_id=str(entity_id),
+        import_id=None if import_id is None else str(import_id),
+        import_end=bool(fields.import_end),
+    )
+
+
+def _is_time(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return True
+
+
+def _decode_checked(raw: bytes) -> Event:
+    """:func:`decode` with every rule checked in Python, to say which one is broken."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -126,7 +219,8 @@ def decode(raw: bytes | None) -> Event:
         client_id=client_id or "",
         from_user=from_user,
         time=time_text,
-        entity=entity,
+        entity_json=orjson.dumps(entity),
+        entity_id=str(entity_id),
         import_id=None if import_id is None else str(import_id),
         import_end=import_end,
     )
@@ -143,7 +237,7 @@ def encode(event: Event) -> bytes:
             "client_id": event.client_id,
             "from_user": event.from_user,
             "time": event.time,
-            "entity": event.entity,
+            "entity": orjson.Fragment(event.entity_json),
             "import_id": event.import_id,
             "import_end": event.import_end,
         }

@@ -85,10 +85,9 @@ def _new_id() -> str:
     return _drawn_ids.pop()
 
 
-def _entity_ids(entities: Sequence[dict[str, Any]]) -> list[str]:
-    if len(entities) == 1:  # an event's one entity (a batch of an import has up to 80)
-        return [str(entities[0].get("id"))]
-    return [str(e.get("id")) for e in entities[:MAX_ENTITY_IDS]]
+def _entity_ids(notification: Notification) -> list[str]:
+    ids = notification.entity_ids
+    return list(ids) if len(ids) <= MAX_ENTITY_IDS else list(ids[:MAX_ENTITY_IDS])
 
 
 def _failure(body: bytes, outcome: Outcome) -> tuple[str, str, str]:
@@ -116,7 +115,7 @@ def encode_attempt(
         fields: list[Any] = [
             _new_id(), notification.webhook_id.hex, environment_id,
             notification.notification_uuid, n_retry, round(at * 1000), outcome.duration_ms,
-            outcome.kind, outcome.status, _entity_ids(notification.entities), trigger,
+            outcome.kind, outcome.status, _entity_ids(notification), trigger,
         ]  # fmt: skip
         if not outcome.ok:
             fields.extend(_failure(body, outcome))
@@ -132,7 +131,7 @@ def encode_attempt(
         "outcome": outcome.kind,
         "status": outcome.status,
         "error": None,
-        "entity_ids": _entity_ids(notification.entities),
+        "entity_ids": _entity_ids(notification),
         "trigger": trigger,
     }
     if not outcome.ok:
@@ -212,7 +211,7 @@ class AttemptRecord:
             outcome=outcome.kind,
             status=outcome.status,
             error=error,
-            entity_ids=tuple(_entity_ids(notification.entities)),
+            entity_ids=tuple(_entity_ids(notification)),
             trigger=trigger,
             request_body=request,
             response_body=response,

@@ -34,7 +34,7 @@ MAX_OPEN_ENTITIES = 100_000  # entities in open batches; past it, the oldest goe
 class _OpenBatch:
     webhook: Webhook
     first: Event
-    entities: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)  # one entity each
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -87,12 +87,12 @@ class ImportBatcher:
             self._open_gauge.set(len(self._open))
             if len(self._open) > self._max_open:
                 self._flush(next(iter(self._open)))
-        batch.entities.append(event.entity)
+        batch.events.append(event)
         self._open_entities += 1
         batch.touched = time.monotonic()
         self._open.move_to_end(key)
         done = batch.done
-        if len(batch.entities) >= self._size:
+        if len(batch.events) >= self._size:
             self._flush(key)
         while self._open_entities > MAX_OPEN_ENTITIES:
             self._flush(next(iter(self._open)))
@@ -123,10 +123,8 @@ class ImportBatcher:
     def _flush(self, key: BatchKey) -> None:
         batch = self._open.pop(key)
         self._open_gauge.set(len(self._open))
-        self._open_entities -= len(batch.entities)
-        notification = Notification.for_event(
-            batch.first, batch.webhook.id, entities=tuple(batch.entities)
-        )
+        self._open_entities -= len(batch.events)
+        notification = Notification.for_event(batch.first, batch.webhook.id, batch.events)
         previous = self._last_send.get(key)
         task = asyncio.ensure_future(self._send(batch, notification, previous))
         self._last_send[key] = task

@@ -22,10 +22,11 @@ import hashlib
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import orjson
 
 from dispatcher.events import Event
@@ -98,9 +99,14 @@ def subscribed_body(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
-    """What is sent to one webhook for one event (or one import batch)."""
+# An entity of a notification: the producer's JSON text as it came (spliced into the
+# body by orjson), or Python objects (a retry record's, an example's).
+Entity = dict[str, Any] | orjson.Fragment
+
+
+class Notification(msgspec.Struct, frozen=True):
+    """What is sent to one webhook for one event (or one import batch). A frozen msgspec
+    Struct, as :class:`~dispatcher.events.Event` is: one is made per delivery."""
 
     notification_uuid: str
     webhook_id: uuid.UUID
@@ -109,21 +115,32 @@ class Notification:
     environment_id: str
     client_id: str
     from_user: str | None
-    entities: tuple[dict[str, Any], ...]
+    entities: tuple[Entity, ...]
+    ids: tuple[str, ...] | None = None  # the entities' ids; None: read from the entities
+
+    @property
+    def entity_ids(self) -> tuple[str, ...]:
+        """The ids of the entities, as text (for the delivery history)."""
+        if self.ids is not None:
+            return self.ids
+        return tuple(str(e.get("id")) for e in self.entities if isinstance(e, dict))
 
     @classmethod
     def for_event(
-        cls,
-        event: Event,
-        webhook_id: uuid.UUID,
-        entities: tuple[dict[str, Any], ...] | None = None,
+        cls, event: Event, webhook_id: uuid.UUID, batch: Sequence[Event] | None = None
     ) -> Notification:
-        """The notification of ``event`` to a webhook; ``entities`` replaces the event's
-        one entity for an import batch (whose first event ``event`` is)."""
-        if entities is None:
-            entities = (event.entity,)
+        """The notification of ``event`` to a webhook; for an import, that of ``batch``
+        (the events of one batch, ``event`` the first), with one entity of each."""
+        events = (event,) if batch is None else batch
+        entities: tuple[Entity, ...]
         if event.event_type == DELETED:
-            entities = tuple({k: e[k] for k in DELETED_FIELDS if k in e} for e in entities)
+            entities = tuple(
+                {k: e[k] for k in DELETED_FIELDS if k in e} for e in (b.entity for b in events)
+            )
+        elif batch is None:
+            entities = (orjson.Fragment(event.entity_json),)
+        else:
+            entities = tuple(orjson.Fragment(b.entity_json) for b in events)
         return cls(
             notification_uuid=notification_uuid(event.event_id, webhook_id),
             webhook_id=webhook_id,
@@ -133,6 +150,7 @@ class Notification:
             client_id=event.client_id,
             from_user=event.from_user,
             entities=entities,
+            ids=(event.entity_id,) if batch is None else tuple(b.entity_id for b in events),
         )
 
     def body(self, n_retry: int, sent_at: datetime | float) -> bytes:
@@ -166,27 +184,41 @@ class Notification:
             "entities": list(self.entities),
         }
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Notification:
-        """Inverse of :meth:`to_json`; raises KeyError/TypeError/ValueError if malformed."""
-        entities = data["entities"]
-        if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
+
+class WireNotification(msgspec.Struct):
+    """:meth:`Notification.to_json`'s shape, read back (a retry record's): the entities
+    stay the JSON text they were written as, so a retry sends them as the first attempt
+    did (a number no double holds included)."""
+
+    notification_uuid: uuid.UUID
+    webhook_id: uuid.UUID
+    type: str
+    entity_name: str
+    environment_id: str
+    client_id: str
+    entities: list[msgspec.Raw]
+    from_user: Any = None
+
+    def notification(self) -> Notification:
+        """The notification; TypeError if an entity is not an object."""
+        texts = [bytes(e) for e in self.entities]
+        if not all(t.startswith(b"{") for t in texts):
             raise TypeError("'entities' must be a list of objects")
-        from_user = data.get("from_user")
-        return cls(
-            notification_uuid=str(uuid.UUID(data["notification_uuid"])),
-            webhook_id=uuid.UUID(data["webhook_id"]),
-            type=_str(data, "type"),
-            entity_name=_str(data, "entity_name"),
-            environment_id=_str(data, "environment_id"),
-            client_id=_str(data, "client_id"),
-            from_user=from_user if isinstance(from_user, str) else None,
-            entities=tuple(entities),
+        return Notification(
+            notification_uuid=str(self.notification_uuid),
+            webhook_id=self.webhook_id,
+            type=self.type,
+            entity_name=self.entity_name,
+            environment_id=self.environment_id,
+            client_id=self.client_id,
+            from_user=self.from_user if isinstance(self.from_user, str) else None,
+            entities=tuple(orjson.Fragment(t) for t in texts),
+            ids=tuple(str(_any_id.decode(t).id) for t in texts),
         )
 
 
-def _str(data: dict[str, Any], key: str) -> str:
-    value = data[key]
-    if not isinstance(value, str):
-        raise TypeError(f"{key!r} must be a string")
-    return value
+class _AnyId(msgspec.Struct):
+    id: Any = None
+
+
+_any_id = msgspec.json.Decoder(_AnyId)

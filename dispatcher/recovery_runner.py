@@ -61,8 +61,7 @@ PAUSE_SECONDS = 10.0  # a job paused by an outage is taken again after this
 WINDOW = 8  # notifications of one replay sent (or waiting for their endpoint) at once
 
 
-@dataclass(frozen=True, slots=True)
-class KeptNotification(Notification):
+class KeptNotification(Notification, frozen=True):
     """A notification whose request body was kept by the history: sent as it was."""
 
     kept_body: bytes = b""
@@ -104,7 +103,7 @@ class _Batch:
 
     first_offset: int
     first: Event
-    entities: list[dict[str, Any]]
+    events: list[Event]  # one entity each
 
 
 class RecoveryRunner:
@@ -432,16 +431,14 @@ class _Replay:
             batch = None
         if batch is None:
             batch = self._open[tp] = _Batch(offset, event, [])
-        batch.entities.append(event.entity)
-        if len(batch.entities) >= self._batch_size or event.import_end:
+        batch.events.append(event)
+        if len(batch.events) >= self._batch_size or event.import_end:
             await self._flush(tp)
 
     async def _flush(self, tp: TopicPartition) -> None:
         batch = self._open.pop(tp, None)
         if batch is not None:
-            notification = Notification.for_event(
-                batch.first, self._webhook.id, entities=tuple(batch.entities)
-            )
+            notification = Notification.for_event(batch.first, self._webhook.id, batch.events)
             await self._send(notification, tp, batch.first_offset)
 
     async def _send(self, notification: Notification, tp: TopicPartition, first: int) -> None:

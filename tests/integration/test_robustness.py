@@ -84,7 +84,7 @@ async def test_an_exception_in_a_delivery_costs_that_record_only(
     real = Attempts._attempt
 
     async def attempt(self: Attempts, webhook: Any, notification: Any, *args: Any) -> Any:
-        if notification.entities[0].get("id") == 666:
+        if notification.entity_ids == ("666",):
             raise KeyError("injected delivery bug")
         return await real(self, webhook, notification, *args)
 

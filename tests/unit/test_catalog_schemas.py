@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from jsonschema import Draft202012Validator
+from msgspec.structs import replace
 
 from dispatcher import catalog, event_types
 from dispatcher.events import Event
@@ -58,14 +59,21 @@ def event(entity_name: str = "sales", event_type: str = "CLOSED", **entity: Any)
         client_id="app",
         from_user="user@example.com",
         time="2026-01-01T10:00:00.000Z",
-        entity=entity or {"id": 1, "uuid": str(uuid.uuid4()), "final_amount": 12.5},
+        entity_json=orjson.dumps(
+            entity or {"id": 1, "uuid": str(uuid.uuid4()), "final_amount": 12.5}
+        ),
+        entity_id=str(entity.get("id", 1)),
     )
 
 
 def body(e: Event, entities: tuple[dict[str, Any], ...] | None = None) -> dict[str, Any]:
-    """The decoded body the dispatcher sends for ``e`` on its first attempt."""
+    """The decoded body the dispatcher sends for ``e`` on its first attempt (for an import
+    batch of ``entities``, whose first event ``e`` is)."""
+    batch = (
+        None if entities is None else [replace(e, entity_json=orjson.dumps(x)) for x in entities]
+    )
     data: dict[str, Any] = orjson.loads(
-        Notification.for_event(e, uuid.uuid4(), entities).body(0, SENT_AT)
+        Notification.for_event(e, uuid.uuid4(), batch).body(0, SENT_AT)
     )
     return data
 

@@ -7,6 +7,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import orjson
+
 from dispatcher.attempts import Attempts
 from dispatcher.events import Event
 from dispatcher.imports import ImportBatcher
@@ -34,7 +36,7 @@ def webhook(shop: str) -> Webhook:
 def event(shop: str, import_id: str, n: int) -> Event:
     return Event(
         str(uuid.uuid4()), "items", "CREATED", shop, "app", None, "2026-01-01T00:00:00Z",
-        {"id": n}, import_id,
+        orjson.dumps({"id": n}), str(n), import_id,
     )  # fmt: skip
 
 
@@ -46,7 +48,9 @@ async def test_batches_never_exceed_the_size_and_keep_the_order() -> None:
     futures = [batcher.add(event("s1", "i", n), hook) for n in range(7)]
     batcher.end("s1", "i")
     await asyncio.wait_for(asyncio.gather(*futures), 5)
-    assert [[e["id"] for e in n.entities] for n in sender.sent] == [[0, 1, 2], [3, 4, 5], [6]]
+    sent = [[e["id"] for e in orjson.loads(n.body(0, 0.0))["entities"]] for n in sender.sent]
+    assert sent == [[0, 1, 2], [3, 4, 5], [6]]
+    assert [n.entity_ids for n in sender.sent] == [("0", "1", "2"), ("3", "4", "5"), ("6",)]
     assert len(batcher) == 0
 
 
