@@ -17,7 +17,15 @@ import orjson
 
 from bench import procstat
 
-PACKAGES = ("webhook-dispatcher", "aiohttp", "aiokafka", "asyncpg", "orjson", "structlog")
+PACKAGES = (
+    "webhook-dispatcher",
+    "aiohttp",
+    "aiokafka",
+    "asyncpg",
+    "orjson",
+    "msgspec",
+    "structlog",
+)
 
 
 @dataclass(frozen=True)

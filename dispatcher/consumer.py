@@ -140,12 +140,24 @@ class Consumer:
         if bounded and work is not None and not await self._acquire():
             _discard(work)
             return False
+        return self._register(tp, record, work, bounded)
+
+    def take(self, tp: TopicPartition, record: Record, work: Awaitable[None] | None) -> bool:
+        """:meth:`track` for unbounded work (or none), without a coroutine of its own: an
+        import takes one per entity."""
+        return self._register(tp, record, work, False)
+
+    def _register(
+        self, tp: TopicPartition, record: Record, work: Awaitable[None] | None, bounded: bool
+    ) -> bool:
         if tp not in self._owned:
             if bounded and work is not None:
                 self._slots.release()
             _discard(work)
             return False
-        offsets = self._offsets.setdefault(tp, PartitionOffsets())
+        offsets = self._offsets.get(tp)
+        if offsets is None:  # not setdefault: that builds a PartitionOffsets per record
+            offsets = self._offsets[tp] = PartitionOffsets()
         try:
             offsets.add(record.offset)
         except ValueError:  # fetched before a revoke and re-assignment: re-read from there
@@ -156,7 +168,7 @@ class Consumer:
         if work is None:
             offsets.done(record.offset)
             return True
-        future = asyncio.ensure_future(work)
+        future = work if isinstance(work, asyncio.Future) else asyncio.ensure_future(work)
         waiting = self._inflight.get(future)
         if waiting is None:
             waiting = self._inflight[future] = []

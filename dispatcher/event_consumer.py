@@ -67,8 +67,11 @@ class EventConsumer(Consumer):
         self._import_skipped = metrics.events_skipped.labels("import_skipped")
         self._held = metrics.events_held
 
+    async def process(self, tp: TopicPartition, records: list[Record]) -> None:
+        self._consumed.inc(len(records))  # once per fetch: a counter's lock costs per call
+        await super().process(tp, records)
+
     async def handle(self, tp: TopicPartition, record: Record) -> None:
-        self._consumed.inc()
         try:
             event = decode(record.value)
         except InvalidEvent as exc:
@@ -83,7 +86,7 @@ class EventConsumer(Consumer):
                 event_type=event.event_type,
                 offset=record.offset,
             )
-            await self.track(tp, record, None)
+            self.take(tp, record, None)
             return
         policy = self._catalog.import_policy(event.entity_name)
         if event.import_id is not None and policy != "single":
@@ -108,11 +111,12 @@ class EventConsumer(Consumer):
             if webhook is None:
                 work = self._recheck(event)
             else:
-                await self._batcher.room()
+                if not self._batcher.has_room:
+                    await self._batcher.room()
                 work = self._batcher.add(event, webhook)
         if event.import_end:
             self._batcher.end(event.environment_id, event.import_id)
-        await self.track(tp, record, work, bounded=False)  # bounded by the batcher
+        self.take(tp, record, work)  # bounded by the batcher
 
     async def _recheck(self, event: Event) -> None:
         """No webhook matched: drop the event once the cache is known to be current."""

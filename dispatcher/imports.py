@@ -69,6 +69,12 @@ class ImportBatcher:
     def __len__(self) -> int:
         return len(self._open)
 
+    @property
+    def has_room(self) -> bool:
+        """Whether :meth:`room` would return at once (checked first: awaiting it costs,
+        once per entity)."""
+        return self._has_room.is_set()
+
     async def room(self) -> None:
         """Wait while ``MAX_SENDING`` batches are already on their way (a slow endpoint
         must not let a large import be read into memory faster than it is sent)."""
