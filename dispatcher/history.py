@@ -86,8 +86,7 @@ def _new_id() -> str:
 
 
 def _entity_ids(notification: Notification) -> list[str]:
-    ids = notification.entity_ids
-    return list(ids) if len(ids) <= MAX_ENTITY_IDS else list(ids[:MAX_ENTITY_IDS])
+    return list(notification.entity_ids[:MAX_ENTITY_IDS])
 
 
 def _failure(body: bytes, outcome: Outcome) -> tuple[str, str, str]:
